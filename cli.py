@@ -1,0 +1,285 @@
+"""fedaudit's command line. It parses arguments and prints; the work is done by
+library functions in server/, audit/ and shared/ that the tests call directly."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import click
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from shared.errors import FedauditError
+
+EXIT_OK, EXIT_GATE_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+class _App(typer.Typer):
+    """A Typer app whose usage errors and bad input end in one line and exit code 2."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            result = typer.main.get_command(self).main(*args, standalone_mode=False, **kwargs)
+        except click.UsageError as exc:
+            err.print(f"error: {exc.format_message()}")
+            sys.exit(EXIT_BAD_INPUT)
+        except click.Abort:
+            sys.exit(130)
+        except FedauditError as exc:
+            err.print(f"error: {exc}")
+            sys.exit(EXIT_BAD_INPUT)
+        sys.exit(result if isinstance(result, int) else EXIT_OK)
+
+
+app = _App(
+    help="Federated training with honest differential privacy, and audits of what it leaked.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    add_completion=False,
+)
+
+
+def user_errors(fn):
+    """Turn :class:`FedauditError` into one line on stderr and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except FedauditError as exc:
+            err.print(f"error: {exc}", markup=False)
+            raise typer.Exit(EXIT_BAD_INPUT) from None
+
+    return wrapper
+
+
+def _print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+RUNS_DIR_HELP = "Run store folder (default ./fedaudit-runs, or $FEDAUDIT_RUNS_DIR)."
+
+
+# --------------------------------------------------------------------------- run
+@app.command()
+@user_errors
+def run(
+    dataset: Optional[str] = typer.Option(None, help="Built-in dataset: digits, breast-cancer or synthetic."),
+    data: Optional[Path] = typer.Option(None, help="A .csv/.parquet file, or a folder with one file per client."),
+    label: Optional[str] = typer.Option(None, help="Label column of --data."),
+    clients: Optional[int] = typer.Option(None, help="Number of simulated clients."),
+    rounds: Optional[int] = typer.Option(None, help="Federated rounds."),
+    seed: Optional[int] = typer.Option(None, help="Seed for splits, partitions, sampling and training."),
+    partition: Optional[str] = typer.Option(None, help="iid or dirichlet:ALPHA (label skew)."),
+    test_fraction: Optional[float] = typer.Option(None, help="Share held by the server as its test split."),
+    val_fraction: Optional[float] = typer.Option(None, help="Share of each client's records kept for local validation."),
+    samples: Optional[int] = typer.Option(None, help="synthetic: number of samples."),
+    features: Optional[int] = typer.Option(None, help="synthetic: number of features."),
+    classes: Optional[int] = typer.Option(None, help="synthetic: number of classes."),
+    model: Optional[str] = typer.Option(None, help="logreg, mlp or cnn (default: picked by dataset)."),
+    strategy: Optional[str] = typer.Option(None, help="fedavg, fedprox or fedadam."),
+    fraction: Optional[float] = typer.Option(None, help="Share of clients that train each round."),
+    local_epochs: Optional[int] = typer.Option(None, help="Local epochs per round."),
+    batch_size: Optional[int] = typer.Option(None, help="Batch size (expected batch size under DP)."),
+    lr: Optional[float] = typer.Option(None, help="Client learning rate."),
+    optimizer: Optional[str] = typer.Option(None, help="sgd or adam."),
+    proximal_mu: Optional[float] = typer.Option(None, help="FedProx proximal term."),
+    server_lr: Optional[float] = typer.Option(None, help="FedAdam server learning rate."),
+    cpus_per_client: Optional[float] = typer.Option(None, help="CPUs reserved for each simulated client."),
+    dp: Optional[bool] = typer.Option(None, "--dp/--no-dp", help="Sample-level DP-SGD on clients (default: on)."),
+    noise_multiplier: Optional[float] = typer.Option(None, help="DP-SGD noise multiplier sigma."),
+    max_grad_norm: Optional[float] = typer.Option(None, help="DP-SGD per-sample clipping norm."),
+    delta: Optional[float] = typer.Option(None, help="Target delta (default: below 1/records of the smallest client)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="run.toml; flags override it."),
+    runs_dir: Optional[Path] = typer.Option(None, help=RUNS_DIR_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object to stdout."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Flower and Ray logs."),
+) -> None:
+    """Train a federated model on the Simulation Engine and store the run."""
+    settings = {k: v for k, v in locals().items() if k not in {"config", "runs_dir", "as_json", "verbose"}}
+    from shared.config import resolve
+
+    if settings["data"] is not None:
+        settings["data"] = str(settings["data"])
+    cfg = resolve(config, **settings)
+    summary = _run_with_progress(cfg, runs_dir, as_json=as_json, verbose=verbose)
+    if as_json:
+        _print_json(summary)
+    else:
+        _print_summary(summary)
+    if summary["status"] == "failed":
+        raise typer.Exit(EXIT_GATE_FAILED)
+
+
+def _run_with_progress(cfg, runs_dir, *, as_json: bool, verbose: bool, label: str = "") -> dict:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from server.runner import prepare_run, run_simulation_job
+
+    job = prepare_run(cfg, runs_dir)
+    clients_seen: list[dict] = []
+    err.print(f"run {job.run_id}{label}: delta = {job.delta:g}" + ("" if cfg.dp else " (non-private run: no DP)"))
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        console=err,
+        transient=False,
+    )
+    task = progress.add_task("starting engine", total=cfg.rounds, status="")
+
+    def on_clients(summaries: list[dict]) -> None:
+        clients_seen.extend(summaries)
+        progress.update(task, description="rounds")
+        if not as_json:
+            progress.console.print(_clients_table(summaries))
+
+    def on_round(report) -> None:
+        eps = f"  eps {report.epsilon:.3f}" if report.epsilon is not None else ""
+        progress.update(task, completed=report.round, status=f"acc {report.accuracy:.3f}{eps}")
+
+    with progress:
+        outcome = run_simulation_job(job, verbose=verbose, on_round=on_round, on_clients=on_clients)
+    summary = dict(outcome.summary)
+    summary["clients"] = clients_seen
+    return summary
+
+
+def _clients_table(summaries: list[dict]) -> Table:
+    table = Table(title="clients: training records and label histogram", title_justify="left")
+    table.add_column("client", justify="right")
+    table.add_column("train", justify="right")
+    table.add_column("val", justify="right")
+    table.add_column("labels (count per class)")
+    for s in summaries:
+        table.add_row(str(s["client"]), str(s["num_train"]), str(s["num_val"]), " ".join(map(str, s["label_histogram"])))
+    return table
+
+
+def _print_summary(summary: dict) -> None:
+    table = Table(title=f"run {summary['run_id']}", show_header=False, title_justify="left")
+    for key in ("status", "rounds", "accuracy", "f1_macro", "epsilon", "delta", "accountant", "privacy_unit", "wall_time", "run_dir"):
+        if key in summary:
+            table.add_row(key, _fmt(summary[key]))
+    if summary.get("error"):
+        table.add_row("error", summary["error"])
+    out.print(table)
+
+
+# --------------------------------------------------------------------------- runs / show
+@app.command("runs")
+@user_errors
+def list_runs(
+    runs_dir: Optional[Path] = typer.Option(None, help=RUNS_DIR_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON to stdout."),
+) -> None:
+    """List stored runs."""
+    from server.runner import summarize
+    from shared.store import RunStore
+
+    store = RunStore(runs_dir)
+    rows = [summarize(store, r.run_id) for r in store.list_runs()]
+    if as_json:
+        _print_json(rows)
+        return
+    if not rows:
+        out.print(f"no runs in {store.root}")
+        return
+    table = Table(title=f"runs in {store.root}", title_justify="left")
+    for col in ("run_id", "status", "dataset", "dp", "rounds", "accuracy", "epsilon", "delta", "wall_time"):
+        table.add_column(col)
+    for r in rows:
+        cfg = store.get_run(r["run_id"]).config
+        table.add_row(
+            r["run_id"], r["status"], str(cfg.get("dataset") or cfg.get("data")), str(cfg.get("dp")), str(r["rounds"]),
+            _fmt(r["accuracy"]), _fmt(r["epsilon"], 3), _fmt(r["delta"]), _fmt(r["wall_time"], 1),
+        )
+    out.print(table)
+
+
+@app.command()
+@user_errors
+def show(
+    run_id: str = typer.Argument(..., help="Run id, as listed by `fedaudit runs`."),
+    runs_dir: Optional[Path] = typer.Option(None, help=RUNS_DIR_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON to stdout."),
+) -> None:
+    """Show a run's config, per-round metrics and privacy ledger."""
+    from server.runner import describe_run
+    from shared.store import RunStore
+
+    report = describe_run(RunStore(runs_dir), run_id)
+    if as_json:
+        _print_json(report)
+        return
+    out.print(f"[bold]run {run_id}[/bold]  status: {report['status']}")
+    cfg = Table(title="config", show_header=False, title_justify="left")
+    for k, v in report["config"].items():
+        cfg.add_row(k, _fmt(v))
+    out.print(cfg)
+    if report.get("privacy"):
+        p = report["privacy"]
+        out.print(f"privacy unit: {p['unit']}; accountant: {p['accountant']} (headline), delta = {p['delta']:g}")
+        for line in p["assumptions"]:
+            out.print(f"  - {line}")
+    rounds = Table(title="rounds", title_justify="left")
+    for col in ("round", "accuracy", "loss", "epsilon", "clients (eps)"):
+        rounds.add_column(col)
+    for r in report["rounds"]:
+        per_client = " ".join(
+            f"{c['client']}:{_fmt(c['epsilon'], 2)}" if c["epsilon"] is not None else str(c["client"]) for c in r["clients"]
+        )
+        rounds.add_row(str(r["round"]), _fmt(r["accuracy"]), _fmt(r["loss"]), _fmt(r["epsilon"], 3), per_client)
+    out.print(rounds)
+
+
+# --------------------------------------------------------------------------- demo
+@app.command()
+@user_errors
+def demo(
+    runs_dir: Optional[Path] = typer.Option(None, help=RUNS_DIR_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON to stdout."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Flower and Ray logs."),
+) -> None:
+    """Train on digits with 10 clients twice, non-private and private, and compare."""
+    from server.runner import demo_configs
+
+    summaries = []
+    for name, cfg in demo_configs():
+        summaries.append(_run_with_progress(cfg, runs_dir, as_json=True, verbose=verbose, label=f" ({name})"))
+    if as_json:
+        _print_json(summaries)
+        return
+    table = Table(title="digits, 10 clients, same seed", title_justify="left")
+    for col in ("run", "run id", "status", "accuracy", "macro F1", "epsilon", "delta"):
+        table.add_column(col)
+    for (name, _), s in zip(demo_configs(), summaries):
+        table.add_row(name, s["run_id"], s["status"], _fmt(s["accuracy"]), _fmt(s.get("f1_macro")), _fmt(s["epsilon"], 3), _fmt(s["delta"]))
+    out.print(table)
+    out.print(f"runs are stored in {Path(summaries[0]['run_dir']).parent}")
+    if any(s["status"] == "failed" for s in summaries):
+        raise typer.Exit(EXIT_GATE_FAILED)
+
+
+if __name__ == "__main__":
+    app()

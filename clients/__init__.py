@@ -1,0 +1,1 @@
+"""fedaudit's Flower ClientApp: local training, with Opacus DP-SGD in private mode."""

@@ -1,0 +1,142 @@
+"""fedaudit's Flower ClientApp (Message API).
+
+Each node keeps its privacy ledger, the list of (noise multiplier, sample rate, steps)
+it has spent, in ``context.state``. Epsilon is computed from the whole ledger, so it
+accumulates across every round in which this client trained.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict  # noqa: E402
+from flwr.clientapp import ClientApp  # noqa: E402
+
+from clients.training import GRAD_SAMPLE_MODE, DPSettings, train_local  # noqa: E402
+from shared import privacy  # noqa: E402
+from shared.evaluation import evaluate  # noqa: E402
+from shared.data import client_data, label_histogram, prepare  # noqa: E402
+from shared.models import build_model  # noqa: E402
+from shared.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES, PARTITION_ID, spec_from_record  # noqa: E402
+from shared.weights import load_numpy, state_to_numpy  # noqa: E402
+
+LEDGER_KEY = "privacy-ledger"
+
+app = ClientApp()
+
+
+def partition_id(context: Context) -> int:
+    return int(context.node_config["partition-id"])
+
+
+def read_ledger(context: Context) -> list[tuple[float, float, int]]:
+    if LEDGER_KEY not in context.state:
+        return []
+    record = context.state[LEDGER_KEY]
+    return list(zip(record["sigma"], record["q"], record["steps"]))
+
+
+def write_ledger(context: Context, ledger: list[tuple[float, float, int]]) -> None:
+    context.state[LEDGER_KEY] = ConfigRecord(
+        {
+            "sigma": [float(s) for s, _, _ in ledger],
+            "q": [float(q) for _, q, _ in ledger],
+            "steps": [int(n) for _, _, n in ledger],
+        }
+    )
+
+
+def _model_for(config, meta):
+    name = config["model"] or meta.default_model
+    return name, build_model(name, meta.num_features, meta.num_classes, meta.image_side)
+
+
+def _reply(msg: Message, metrics: dict, arrays: ArrayRecord | None = None) -> Message:
+    content = RecordDict({METRICS_KEY: MetricRecord(metrics)})
+    if arrays is not None:
+        content[ARRAYS_KEY] = arrays
+    return Message(content=content, reply_to=msg)
+
+
+@app.query()
+def describe(msg: Message, context: Context) -> Message:
+    """Tell the server who this node is and how much data it holds."""
+    config = msg.content[CONFIG_KEY]
+    spec = spec_from_record(config)
+    pid = partition_id(context)
+    data = client_data(spec, pid)
+    meta = prepare(spec).meta
+    return _reply(
+        msg,
+        {
+            PARTITION_ID: pid,
+            NUM_EXAMPLES: len(data.y_train),
+            "num-val": len(data.y_val),
+            "label-histogram": label_histogram(data.y_train, meta.num_classes),
+            "ledger-steps": sum(n for _, _, n in read_ledger(context)),
+        },
+    )
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    config = msg.content[CONFIG_KEY]
+    spec = spec_from_record(config)
+    pid = partition_id(context)
+    data = client_data(spec, pid)
+    model_name, model = _model_for(config, prepare(spec).meta)
+    load_numpy(model, _arrays(msg))
+
+    round_ = int(config["server-round"])
+    dp = None
+    if config["dp"]:
+        dp = DPSettings(float(config["noise-multiplier"]), float(config["max-grad-norm"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = train_local(
+            model,
+            data.x_train,
+            data.y_train,
+            epochs=int(config["local-epochs"]),
+            batch_size=int(config["batch-size"]),
+            learning_rate=float(config["lr"]),
+            optimizer=str(config["optimizer"]),
+            dp=dp,
+            grad_sample_mode=GRAD_SAMPLE_MODE.get(model_name, "hooks"),
+            proximal_mu=float(config.get("proximal-mu", 0.0)),
+            # A distinct, reproducible stream per (run seed, round, client).
+            seed=int(config["data.seed"]) * 1_000_003 + round_ * 10_007 + pid,
+        )
+
+    metrics = {NUM_EXAMPLES: result.num_examples, "train-loss": result.loss, PARTITION_ID: pid}
+    if dp is not None:
+        ledger = read_ledger(context) + [(dp.noise_multiplier, result.sample_rate, result.steps)]
+        write_ledger(context, ledger)
+        metrics.update(
+            {
+                "epsilon": privacy.epsilon(ledger, float(config["delta"])),
+                "round-noise-multiplier": dp.noise_multiplier,
+                "round-sample-rate": result.sample_rate,
+                "round-steps": result.steps,
+            }
+        )
+    return _reply(msg, metrics, ArrayRecord({k: Array(v) for k, v in state_to_numpy(model).items()}))
+
+
+def _arrays(msg: Message) -> dict:
+    return {k: v.numpy() for k, v in msg.content[ARRAYS_KEY].items()}
+
+
+@app.evaluate()
+def evaluate_local(msg: Message, context: Context) -> Message:
+    config = msg.content[CONFIG_KEY]
+    spec = spec_from_record(config)
+    pid = partition_id(context)
+    data = client_data(spec, pid)
+    _, model = _model_for(config, prepare(spec).meta)
+    load_numpy(model, _arrays(msg))
+    loss, accuracy = evaluate(model, data.x_val, data.y_val)
+    return _reply(msg, {NUM_EXAMPLES: len(data.y_val), "loss": loss, "accuracy": accuracy, PARTITION_ID: pid})

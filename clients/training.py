@@ -1,0 +1,119 @@
+"""Local training and evaluation on one client's records."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+OPTIMIZERS = ("sgd", "adam")
+
+# Fastest correct Opacus per-sample-gradient mode per built-in model, measured by
+# `python -m bench.dp_step`.
+GRAD_SAMPLE_MODE = {"logreg": "hooks", "mlp": "hooks", "cnn": "hooks"}
+
+
+@dataclass(frozen=True)
+class DPSettings:
+    noise_multiplier: float
+    max_grad_norm: float
+
+
+@dataclass
+class TrainResult:
+    loss: float
+    num_examples: int
+    steps: int
+    sample_rate: float  # Poisson sampling rate actually used (0 without DP)
+
+
+def _optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    raise ValueError(f"unknown optimizer {name!r}")
+
+
+def _proximal_term(model: nn.Module, anchor: list[torch.Tensor]) -> torch.Tensor:
+    return sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
+
+
+def train_local(
+    model: nn.Module,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    epochs: int,
+    batch_size: int,
+    learning_rate: float,
+    optimizer: str = "sgd",
+    dp: DPSettings | None = None,
+    grad_sample_mode: str = "hooks",
+    proximal_mu: float = 0.0,
+    seed: int = 0,
+) -> TrainResult:
+    """Train ``model`` in place for ``epochs`` passes over the local records.
+
+    In private mode the data loader samples each record independently with
+    probability ``q = 1 / ceil(n / batch_size)`` (Poisson sampling, which the
+    accountant assumes), gradients are clipped per sample and noised by Opacus.
+    """
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    dataset = TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator)
+    opt = _optimizer(optimizer, model.parameters(), learning_rate)
+    criterion = nn.CrossEntropyLoss()
+    anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
+    sample_rate = 0.0
+    train_model: nn.Module = model
+
+    if dp is not None:
+        from opacus import PrivacyEngine
+
+        # The engine's own accountant is unused: the client's ledger in Context.state
+        # is the single source of truth, and it spans every round.
+        engine = PrivacyEngine(accountant="prv", secure_mode=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            train_model, opt, loader = engine.make_private(
+                module=model,
+                optimizer=opt,
+                data_loader=loader,
+                noise_multiplier=dp.noise_multiplier,
+                max_grad_norm=dp.max_grad_norm,
+                poisson_sampling=True,
+                grad_sample_mode=grad_sample_mode,
+                noise_generator=generator,
+            )
+        sample_rate = float(loader.sample_rate)
+
+    train_model.train()
+    steps, loss_sum, seen = 0, 0.0, 0
+    for _ in range(epochs):
+        for xb, yb in loader:
+            opt.zero_grad(set_to_none=True)
+            if len(yb) == 0:
+                # An empty Poisson batch is still a step of the mechanism: Opacus
+                # adds pure noise, and the ledger must count it.
+                out = train_model(xb)
+                loss = out.sum() * 0.0
+            else:
+                out = train_model(xb)
+                loss = criterion(out, yb)
+                if anchor is not None:
+                    loss = loss + proximal_mu / 2 * _proximal_term(model, anchor)
+            loss.backward()
+            opt.step()
+            steps += 1
+            loss_sum += float(loss.detach()) * len(yb)
+            seen += len(yb)
+    if dp is not None:
+        # Detach Opacus hooks so the caller's model is a plain module again.
+        train_model._close()
+    return TrainResult(loss=loss_sum / max(seen, 1), num_examples=len(y), steps=steps, sample_rate=sample_rate)

@@ -1,0 +1,47 @@
+"""fedaudit's Flower ServerApp.
+
+``flwr run .`` loads ``server.app:app``, which reads its settings from the Flower run
+config. The CLI's simulation path builds its own app with :func:`make_server_app`,
+binding a fully resolved :class:`~server.federation.ServerJob`.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+
+from flwr.app import Context  # noqa: E402
+from flwr.serverapp import Grid, ServerApp  # noqa: E402
+
+from server.federation import ServerJob, run_federation  # noqa: E402
+
+
+def make_server_app(job: ServerJob | None = None) -> ServerApp:
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        the_job = job if job is not None else job_from_run_config(dict(context.run_config))
+        run_federation(grid, the_job)
+
+    return app
+
+
+def job_from_run_config(run_config: dict) -> ServerJob:
+    """Build a job from ``[tool.flwr.app.config]`` values (the ``flwr run`` path)."""
+    from server.runner import prepare_run
+    from shared.config import resolve
+
+    runs_dir = run_config.pop("runs-dir", None)
+    settings = {k.replace("-", "_"): v for k, v in run_config.items()}
+    for key in ("dataset", "data", "label", "model"):
+        if settings.get(key) == "":
+            settings[key] = None
+    if settings.get("delta") == 0.0:
+        settings["delta"] = None
+    config = resolve(None, **settings)
+    return prepare_run(config, runs_dir)
+
+
+app = make_server_app()

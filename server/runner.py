@@ -1,0 +1,233 @@
+"""Run a federated job end to end on Flower's Simulation Engine.
+
+This is the library entry point behind ``fedaudit run``: it checks the input,
+creates the run in the store, starts the simulation and records how it ended.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import tomli_w
+
+from server.federation import RoundReport, ServerJob
+from shared import privacy
+from shared.config import RunConfig
+from shared.data import client_data, prepare
+from shared.errors import BadInput
+from shared.models import build_model
+from shared.store import RunStore, atomic_write_bytes, new_run_id, resolve_runs_dir
+
+# The ClientApp is referenced the way Flower's own app config names it, so the
+# server package never imports the clients package.
+CLIENT_APP_REF = "clients.app:app"
+
+
+@dataclass
+class Preflight:
+    delta: float
+    model_name: str
+    smallest_client: int
+
+
+def preflight(config: RunConfig) -> Preflight:
+    """Every check that needs the data, done before anything is written."""
+    spec = config.data_spec
+    prepared = prepare(spec)
+    meta = prepared.meta
+    model_name = config.model or meta.default_model
+    build_model(model_name, meta.num_features, meta.num_classes, meta.image_side)
+    sizes = [len(client_data(spec, i).y_train) for i in range(config.clients)]
+    smallest = min(sizes)
+    if smallest < config.batch_size:
+        client = sizes.index(smallest)
+        raise BadInput(f"client {client} has {smallest} training records, fewer than --batch-size {config.batch_size}")
+    delta = config.delta if config.delta is not None else privacy.default_delta(smallest)
+    if config.dp and delta >= 1.0 / smallest:
+        raise BadInput(f"--delta {delta:g} must be below 1/(smallest client's records) = 1/{smallest} = {1.0 / smallest:.3g}")
+    return Preflight(delta=delta, model_name=model_name, smallest_client=smallest)
+
+
+def prepare_run(config: RunConfig, runs_dir: str | Path | None, run_id: str | None = None) -> ServerJob:
+    """Check the input, then create the run row and folder."""
+    checked = preflight(config)
+    store = RunStore(runs_dir)
+    run_id = run_id or new_run_id()
+    store.create_run(run_id, config.to_dict(), info={"model": checked.model_name, "engine": "simulation"})
+    store.update_run(run_id, delta=checked.delta)
+    atomic_write_bytes(store.run_dir(run_id) / "config.toml", tomli_w.dumps(config.to_toml_dict()).encode())
+    return ServerJob(run_id=run_id, config=config, delta=checked.delta, runs_dir=str(store.root), model_name=checked.model_name)
+
+
+@dataclass
+class RunOutcome:
+    run_id: str
+    status: str
+    error: str | None
+    summary: dict
+
+
+def _load_client_app():
+    module, _, attr = CLIENT_APP_REF.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def run_simulation_job(
+    job: ServerJob,
+    *,
+    verbose: bool = False,
+    on_round: Callable[[RoundReport], None] | None = None,
+    on_clients: Callable[[list[dict]], None] | None = None,
+) -> RunOutcome:
+    """Run ``job`` on the Simulation Engine and record its final status."""
+    from shared import quiet
+
+    quiet.configure(verbose)
+    from flwr.simulation import run_simulation
+
+    from server.app import make_server_app
+
+    store = RunStore(job.runs_dir)
+    job.on_round, job.on_clients = on_round, on_clients
+    ray_dir = Path(os.environ.get("RAY_TMPDIR", "/tmp/fedaudit-ray"))
+    ray_dir.mkdir(parents=True, exist_ok=True)
+    os.environ["RAY_TMPDIR"] = str(ray_dir)
+    backend_config = {
+        "client_resources": {"num_cpus": job.config.cpus_per_client, "num_gpus": 0.0},
+        "init_args": quiet.ray_init_args(verbose),
+    }
+    started = time.time()
+    error = None
+    try:
+        run_simulation(
+            server_app=make_server_app(job),
+            client_app=_load_client_app(),
+            num_supernodes=job.config.clients,
+            backend_config=backend_config,
+            verbose_logging=verbose,
+        )
+        if not job.result:
+            error = "the simulation ended before the server finished its rounds"
+    except Exception as exc:  # the run is recorded as failed with the reason
+        error = f"{type(exc).__name__}: {exc}"
+        if verbose:
+            traceback.print_exc()
+    status = "failed" if error else "completed"
+    store.finish_run(job.run_id, status, error)
+    store.update_run(job.run_id, info={"seconds": time.time() - started})
+    return RunOutcome(job.run_id, status, error, summarize(store, job.run_id))
+
+
+def summarize(store: RunStore, run_id: str) -> dict:
+    """The run's headline numbers, as ``fedaudit run --json`` prints them."""
+    record = store.get_run(run_id)
+    rounds = store.get_rounds(run_id)
+    finished = [r for r in rounds if r["accuracy"] is not None]
+    last = finished[-1] if finished else {}
+    dp = record.config.get("dp", False)
+    ledger = store.ledger(run_id)
+    return {
+        "run_id": run_id,
+        "status": record.status,
+        "error": record.error,
+        "rounds": len(finished),
+        "accuracy": last.get("accuracy"),
+        "loss": last.get("loss"),
+        "f1_macro": record.info.get("f1_macro"),
+        "epsilon": max((r["epsilon"] for r in rounds if r["epsilon"] is not None), default=None) if dp else None,
+        "delta": record.delta if dp else None,
+        "accountant": privacy.HEADLINE_ACCOUNTANT if dp else None,
+        "privacy_unit": "record (within one client's data)" if dp else None,
+        "clients_trained": len(ledger),
+        "wall_time": record.wall_time,
+        "run_dir": str(store.run_dir(run_id)),
+    }
+
+
+PRIVACY_ASSUMPTIONS = (
+    "Poisson sampling: each record joins each local step independently with probability q",
+    "add/remove-one neighbouring datasets: epsilon bounds what one record changes",
+    "each client's epsilon covers its own records only; clients compose in parallel, so the run's epsilon is the largest client's",
+    "epsilon composes over every round in which that client trained (listed per client)",
+    "model initialisation, client sampling and feature scaling are treated as public",
+)
+
+
+def describe_run(store: RunStore, run_id: str) -> dict:
+    """Config, per-round metrics and the privacy ledger of one run (``fedaudit show``)."""
+    record = store.get_run(run_id)
+    rounds = store.get_rounds(run_id)
+    report = {
+        "run_id": run_id,
+        "status": record.status,
+        "error": record.error,
+        "config": record.config,
+        "delta": record.delta,
+        "wall_time": record.wall_time,
+        "clients": store.get_clients(run_id),
+        "rounds": [
+            {
+                "round": r["round"],
+                "accuracy": r["accuracy"],
+                "loss": r["loss"],
+                "federated_accuracy": r["federated_accuracy"],
+                "epsilon": r["epsilon"],
+                "participants": r["participants"],
+                "seconds": r["seconds"],
+                "model_sha256": r["model_sha256"],
+                "clients": [
+                    {
+                        "client": c["client"],
+                        "epsilon": c["epsilon"],
+                        "num_examples": c["num_examples"],
+                        "train_loss": c["train_loss"],
+                        "noise_multiplier": c["noise_multiplier"],
+                        "sample_rate": c["sample_rate"],
+                        "steps": c["steps"],
+                        "val_accuracy": c["val_accuracy"],
+                    }
+                    for c in r["clients"]
+                    if c["steps"] is not None or c["num_examples"] is not None
+                ],
+            }
+            for r in rounds
+        ],
+    }
+    if record.config.get("dp"):
+        trained: dict[int, list[int]] = {}
+        for r in rounds:
+            for c in r["clients"]:
+                if c["steps"] is not None:
+                    trained.setdefault(c["client"], []).append(r["round"])
+        report["privacy"] = {
+            "unit": "record (one training example within one client's data)",
+            "accountant": privacy.HEADLINE_ACCOUNTANT,
+            "accountants": list(privacy.ACCOUNTANTS),
+            "delta": record.delta,
+            "epsilon": max((r["epsilon"] for r in rounds if r["epsilon"] is not None), default=0.0),
+            "assumptions": list(PRIVACY_ASSUMPTIONS),
+            "rounds_trained": {str(k): v for k, v in sorted(trained.items())},
+        }
+    return report
+
+
+def demo_configs() -> list[tuple[str, RunConfig]]:
+    """The two runs of ``fedaudit demo``: identical but for DP."""
+    from shared.config import resolve
+
+    base = dict(dataset="digits", clients=10, partition="iid", seed=0, delta=1e-5)
+    return [("non-private", resolve(None, dp=False, **base)), ("private", resolve(None, dp=True, **base))]
+
+
+def run(config: RunConfig, runs_dir: str | Path | None = None, **kwargs) -> RunOutcome:
+    """Check, create and run a job: the whole of ``fedaudit run``."""
+    job = prepare_run(config, runs_dir)
+    return run_simulation_job(job, **kwargs)
+
+

@@ -1,0 +1,82 @@
+"""Flower strategies, and the wrapper that decides who takes part in each round.
+
+Flower's strategies sample nodes with the global ``random`` module. We choose the
+participants ourselves, from a seeded generator over partition ids, and hand the inner
+strategy a view of the grid that holds only them. The inner strategy's own
+configure/aggregate logic is untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
+
+from shared.errors import BadInput
+
+# Participation is decided by ParticipatingClients; the inner strategy takes whoever
+# it is shown.
+_ALL_SHOWN = dict(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=1)
+
+
+def build_strategy(name: str, *, proximal_mu: float = 0.01, server_lr: float = 0.1, client_lr: float = 0.1) -> Strategy:
+    if name == "fedavg":
+        return FedAvg(**_ALL_SHOWN)
+    if name == "fedprox":
+        return FedProx(proximal_mu=proximal_mu, **_ALL_SHOWN)
+    if name == "fedadam":
+        return FedAdam(eta=server_lr, eta_l=client_lr, **_ALL_SHOWN)
+    raise BadInput(f"unknown strategy {name!r}; choose one of fedavg, fedprox, fedadam")
+
+
+class GridView:
+    """A Grid that exposes only some node ids; everything else goes to the real grid."""
+
+    def __init__(self, grid: Grid, node_ids: Iterable[int]):
+        self._grid = grid
+        self._node_ids = list(node_ids)
+
+    def get_node_ids(self) -> list[int]:
+        return list(self._node_ids)
+
+    def __getattr__(self, name: str):
+        return getattr(self._grid, name)
+
+
+class ParticipatingClients(Strategy):
+    """Wrap a strategy so each round trains a fixed-size, seeded sample of clients.
+
+    ``node_of`` maps partition id -> node id. Sampling is over sorted partition ids,
+    so a seed gives the same participants in every run and on every engine.
+    """
+
+    def __init__(self, inner: Strategy, node_of: dict[int, int], fraction: float, seed: int):
+        self.inner = inner
+        self.node_of = dict(sorted(node_of.items()))
+        self.fraction = fraction
+        self.seed = seed
+
+    def participants(self, server_round: int) -> list[int]:
+        ids = list(self.node_of)
+        count = max(1, int(round(len(ids) * self.fraction)))
+        rng = np.random.default_rng([self.seed, server_round])
+        return sorted(rng.choice(ids, size=count, replace=False).tolist())
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        nodes = [self.node_of[p] for p in self.participants(server_round)]
+        return self.inner.configure_train(server_round, arrays, config, GridView(grid, nodes))
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        return self.inner.aggregate_train(server_round, replies)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        return self.inner.configure_evaluate(server_round, arrays, config, GridView(grid, self.node_of.values()))
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return self.inner.aggregate_evaluate(server_round, replies)
+
+    def summary(self) -> None:
+        self.inner.summary()

@@ -1,0 +1,159 @@
+"""A run's resolved configuration: defaults <- TOML file <- command-line flags.
+
+Keys are spelled the same everywhere: ``noise-multiplier`` in TOML and on the command
+line (``--noise-multiplier``), ``noise_multiplier`` in Python.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from shared.data import BUILTIN_DATASETS, DataSpec
+from shared.errors import BadInput
+from shared.models import MODELS
+
+STRATEGIES = ("fedavg", "fedprox", "fedadam")
+OPTIMIZERS = ("sgd", "adam")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    # data
+    dataset: str | None = None
+    data: str | None = None
+    label: str | None = None
+    clients: int = 10
+    partition: str = "iid"
+    seed: int = 0
+    test_fraction: float = 0.2
+    val_fraction: float = 0.1
+    samples: int = 2000
+    features: int = 20
+    classes: int = 2
+    # model and local training
+    model: str | None = None
+    local_epochs: int = 1
+    batch_size: int = 16
+    lr: float = 1.0
+    optimizer: str = "sgd"
+    # federation
+    rounds: int = 15
+    strategy: str = "fedavg"
+    fraction: float = 1.0
+    proximal_mu: float = 0.01
+    server_lr: float = 0.1
+    cpus_per_client: float = 1.0
+    # sample-level differential privacy
+    dp: bool = True
+    noise_multiplier: float = 1.2
+    max_grad_norm: float = 1.0
+    delta: float | None = None
+
+    # ------------------------------------------------------------------ conversions
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.name.replace("_", "-") for f in fields(cls)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k.replace("_", "-"): v for k, v in asdict(self).items()}
+
+    def to_toml_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.to_dict().items() if v is not None}
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+
+    @property
+    def data_spec(self) -> DataSpec:
+        return DataSpec(
+            dataset=None if self.data else (self.dataset or "digits"),
+            data=str(Path(self.data).resolve()) if self.data else None,
+            label=self.label,
+            num_clients=self.clients,
+            partition=self.partition,
+            seed=self.seed,
+            test_fraction=self.test_fraction,
+            val_fraction=self.val_fraction,
+            synthetic_samples=self.samples,
+            synthetic_features=self.features,
+            synthetic_classes=self.classes,
+        )
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> RunConfig:
+        """Check everything that can be checked without loading data."""
+        if self.data and self.dataset:
+            raise BadInput("--data and --dataset are mutually exclusive")
+        if not self.data and (self.dataset or "digits") not in BUILTIN_DATASETS:
+            raise BadInput(f"unknown dataset {self.dataset!r}; choose one of {', '.join(BUILTIN_DATASETS)}")
+        if self.model is not None and self.model not in MODELS:
+            raise BadInput(f"unknown model {self.model!r}; choose one of {', '.join(MODELS)}")
+        if self.strategy not in STRATEGIES:
+            raise BadInput(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise BadInput(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        if self.rounds < 1:
+            raise BadInput(f"--rounds must be >= 1, got {self.rounds}")
+        if self.clients < 1:
+            raise BadInput(f"--clients must be >= 1, got {self.clients}")
+        if self.local_epochs < 1:
+            raise BadInput(f"--local-epochs must be >= 1, got {self.local_epochs}")
+        if self.batch_size < 1:
+            raise BadInput(f"--batch-size must be >= 1, got {self.batch_size}")
+        if not self.lr > 0:
+            raise BadInput(f"--lr must be > 0, got {self.lr}")
+        if not (0.0 < self.fraction <= 1.0):
+            raise BadInput(f"--fraction must be in (0, 1], got {self.fraction}")
+        if not self.cpus_per_client > 0:
+            raise BadInput(f"--cpus-per-client must be > 0, got {self.cpus_per_client}")
+        if self.dp:
+            if not self.noise_multiplier > 0:
+                raise BadInput(f"--noise-multiplier must be > 0 in private mode, got {self.noise_multiplier}")
+            if not self.max_grad_norm > 0:
+                raise BadInput(f"--max-grad-norm must be > 0, got {self.max_grad_norm}")
+        if self.delta is not None and not (0.0 < self.delta < 1.0):
+            raise BadInput(f"--delta must be in (0, 1), got {self.delta}")
+        return self
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Read a run.toml; unknown keys are an error, not silently ignored."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise BadInput(f"config file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BadInput(f"cannot read config file {path}: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise BadInput(f"config file {path} is not valid TOML: {exc}") from None
+    known = set(RunConfig.keys())
+    unknown = sorted(k for k in raw if k.replace("_", "-") not in known)
+    if unknown:
+        raise BadInput(f"unknown key(s) in config file {path}: {', '.join(unknown)}")
+    return {k.replace("-", "_"): v for k, v in raw.items()}
+
+
+def resolve(config_file: str | Path | None = None, **overrides: Any) -> RunConfig:
+    """Defaults, then the TOML file, then flags that were actually given (not None)."""
+    values: dict[str, Any] = load_toml(config_file) if config_file else {}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    if values.get("data") and "dataset" not in overrides and "dataset" not in values:
+        values["dataset"] = None
+    types = {f.name: f.type for f in fields(RunConfig)}
+    for key, value in values.items():
+        if key not in types:
+            raise BadInput(f"unknown setting {key!r}")
+        expected = types[key]
+        if "float" in expected and isinstance(value, int) and not isinstance(value, bool):
+            values[key] = float(value)
+        elif "int" in expected and "float" not in expected and not isinstance(value, int):
+            raise BadInput(f"setting {key.replace('_', '-')} must be an integer, got {value!r}")
+        elif "bool" in expected and not isinstance(value, bool):
+            raise BadInput(f"setting {key.replace('_', '-')} must be true or false, got {value!r}")
+    return replace(RunConfig(), **values).validate()

@@ -1,0 +1,147 @@
+"""The privacy ledger and pure functions that turn it into epsilon.
+
+A ledger is a list of ``(noise_multiplier, sample_rate, steps)`` entries, the same
+shape as an Opacus accountant's ``history``. Each entry is one homogeneous stretch of
+the Poisson-subsampled Gaussian mechanism. Epsilon is always computed from the whole
+ledger, so it accumulates over every round a client (or the federation) took part in.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable, Sequence
+from functools import lru_cache
+
+from shared.errors import BadInput
+
+LedgerEntry = tuple[float, float, int]
+
+ACCOUNTANTS = ("prv", "rdp")
+HEADLINE_ACCOUNTANT = "prv"
+SIGMA_SEARCH_MAX = 1000.0
+
+
+def compact(ledger: Iterable[Sequence[float]]) -> list[LedgerEntry]:
+    """Merge entries with the same (sigma, q) so accountants compose fewer terms."""
+    merged: dict[tuple[float, float], int] = {}
+    for sigma, q, steps in ledger:
+        key = (float(sigma), float(q))
+        merged[key] = merged.get(key, 0) + int(steps)
+    return [(s, q, n) for (s, q), n in merged.items() if n > 0]
+
+
+def check_mechanism(sample_rate: float, noise_multiplier: float | None = None, delta: float | None = None) -> None:
+    """Raise :class:`BadInput` with one clear line for out-of-range mechanism parameters."""
+    if not (0.0 < sample_rate <= 1.0):
+        raise BadInput(f"sample rate must be in (0, 1], got {sample_rate}")
+    if noise_multiplier is not None and not noise_multiplier > 0:
+        raise BadInput(f"noise multiplier must be > 0, got {noise_multiplier}")
+    if delta is not None and not (0.0 < delta < 1.0):
+        raise BadInput(f"delta must be in (0, 1), got {delta}")
+
+
+@lru_cache(maxsize=4096)
+def _epsilon_cached(ledger: tuple[LedgerEntry, ...], delta: float, accountant: str) -> float:
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
+    acct = PRVAccountant() if accountant == "prv" else RDPAccountant()
+    acct.history = list(ledger)
+    with warnings.catch_warnings():
+        # RDP warns when the optimal order sits at the edge of its alpha grid; the
+        # bound it returns is still valid, only less tight.
+        warnings.filterwarnings("ignore", message="Optimal order")
+        return float(acct.get_epsilon(delta=delta))
+
+
+def epsilon(ledger: Iterable[Sequence[float]], delta: float, accountant: str = HEADLINE_ACCOUNTANT) -> float:
+    """Epsilon spent by a ledger at ``delta``.
+
+    Parameters
+    ----------
+    ledger : iterable of (noise_multiplier, sample_rate, steps)
+        Every stretch of the subsampled Gaussian mechanism applied so far.
+    delta : float
+        Target delta, in (0, 1).
+    accountant : {"prv", "rdp"}
+        Opacus accountant used to compose the ledger.
+
+    Returns
+    -------
+    float
+        The epsilon upper bound; 0.0 for an empty ledger.
+    """
+    if accountant not in ACCOUNTANTS:
+        raise BadInput(f"unknown accountant {accountant!r}; choose one of {', '.join(ACCOUNTANTS)}")
+    entries = compact(ledger)
+    if not entries:
+        return 0.0
+    for sigma, q, _ in entries:
+        check_mechanism(q, sigma, delta)
+    return _epsilon_cached(tuple(sorted(entries)), float(delta), accountant)
+
+
+def epsilons(ledger: Iterable[Sequence[float]], delta: float) -> dict[str, float]:
+    """Both accountants' epsilon: ``{"epsilon_rdp": ..., "epsilon_prv": ...}``."""
+    entries = compact(ledger)
+    return {f"epsilon_{name}": epsilon(entries, delta, name) for name in ("rdp", "prv")}
+
+
+def noise_for_target(
+    target_epsilon: float,
+    sample_rate: float,
+    steps: int,
+    delta: float,
+    accountant: str = HEADLINE_ACCOUNTANT,
+    tolerance: float = 0.01,
+) -> float:
+    """Smallest noise multiplier (to within the search tolerance) whose epsilon is <= target.
+
+    Bisection on sigma; the returned sigma always satisfies ``epsilon <= target``.
+    """
+    if not target_epsilon > 0:
+        raise BadInput(f"target epsilon must be > 0, got {target_epsilon}")
+    check_mechanism(sample_rate, None, delta)
+    if steps < 1:
+        raise BadInput(f"steps must be >= 1, got {steps}")
+
+    def eps_at(sigma: float) -> float:
+        return epsilon([(sigma, sample_rate, steps)], delta, accountant)
+
+    if eps_at(SIGMA_SEARCH_MAX) > target_epsilon:
+        raise BadInput(
+            f"target epsilon {target_epsilon} cannot be reached with noise multiplier <= "
+            f"{SIGMA_SEARCH_MAX:g} at sample rate {sample_rate} over {steps} steps"
+        )
+    low, high = 0.0, 1.0
+    while eps_at(high) > target_epsilon:
+        low, high = high, high * 2
+    # Invariant: eps(high) <= target < eps(low) (eps(0) is infinite).
+    while True:
+        mid = (low + high) / 2
+        if mid == low or mid == high:
+            break
+        eps_mid = eps_at(mid)
+        if eps_mid > target_epsilon:
+            low = mid
+        else:
+            high = mid
+            if target_epsilon - eps_mid < tolerance:
+                break
+    return high
+
+
+def default_delta(smallest_client_records: int | None = None, num_clients: int | None = None) -> float:
+    """A delta safely below 1/n for the privacy unit.
+
+    Sample-level: below 1/(records of the smallest client). Client-level: below
+    1/(number of clients). We take 1e-5, or 1/(10 n) rounded down to one significant
+    digit when that is smaller.
+    """
+    candidates = [1e-5]
+    for n in (smallest_client_records, num_clients):
+        if n:
+            bound = 1.0 / (10.0 * n)
+            exponent = math.floor(math.log10(bound))
+            candidates.append(math.floor(bound / 10**exponent) * 10**exponent)
+    return min(candidates)

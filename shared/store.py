@@ -1,0 +1,293 @@
+"""The run store: one SQLite database (``runs.db``) plus a folder per run.
+
+Every write that matters is atomic: SQLite transactions for rows, and
+write-to-temp-then-rename for files. A run is only ``completed`` once its final model
+is on disk, so a crash never leaves a run that looks complete.
+
+Connections are opened per operation: Flower runs the ServerApp in a non-main
+thread, and a sqlite3 connection may not cross threads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import sqlite3
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from shared.errors import BadInput
+
+DEFAULT_RUNS_DIR = "fedaudit-runs"
+RUNS_DIR_ENV = "FEDAUDIT_RUNS_DIR"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY,
+    status TEXT NOT NULL,
+    error TEXT,
+    config TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    finished_at REAL,
+    delta REAL,
+    info TEXT NOT NULL DEFAULT '{}'
+);
+CREATE TABLE IF NOT EXISTS rounds (
+    run_id TEXT NOT NULL REFERENCES runs(run_id),
+    round INTEGER NOT NULL,
+    accuracy REAL,
+    loss REAL,
+    epsilon REAL,
+    federated_accuracy REAL,
+    federated_loss REAL,
+    train_loss REAL,
+    participants INTEGER,
+    seconds REAL,
+    model_sha256 TEXT,
+    PRIMARY KEY (run_id, round)
+);
+-- The privacy ledger: one row per client per round it trained in.
+CREATE TABLE IF NOT EXISTS client_rounds (
+    run_id TEXT NOT NULL REFERENCES runs(run_id),
+    round INTEGER NOT NULL,
+    client INTEGER NOT NULL,
+    num_examples INTEGER,
+    train_loss REAL,
+    epsilon REAL,
+    noise_multiplier REAL,
+    sample_rate REAL,
+    steps INTEGER,
+    val_accuracy REAL,
+    val_loss REAL,
+    PRIMARY KEY (run_id, round, client)
+);
+CREATE TABLE IF NOT EXISTS clients (
+    run_id TEXT NOT NULL REFERENCES runs(run_id),
+    client INTEGER NOT NULL,
+    num_train INTEGER,
+    num_val INTEGER,
+    label_histogram TEXT,
+    PRIMARY KEY (run_id, client)
+);
+"""
+
+STATUSES = ("running", "completed", "failed", "budget-exhausted")
+
+
+def resolve_runs_dir(runs_dir: str | Path | None = None) -> Path:
+    return Path(runs_dir or os.environ.get(RUNS_DIR_ENV) or DEFAULT_RUNS_DIR).resolve()
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _nan_to_none(value: Any) -> Any:
+    if isinstance(value, float) and value != value:
+        return None
+    return value
+
+
+@dataclass
+class RunRecord:
+    run_id: str
+    status: str
+    error: str | None
+    config: dict
+    created_at: float
+    finished_at: float | None
+    delta: float | None
+    info: dict
+
+    @property
+    def wall_time(self) -> float | None:
+        return None if self.finished_at is None else self.finished_at - self.created_at
+
+
+class RunStore:
+    def __init__(self, runs_dir: str | Path | None = None):
+        self.root = resolve_runs_dir(runs_dir)
+        self.db_path = self.root / "runs.db"
+
+    # ------------------------------------------------------------------ plumbing
+    @contextmanager
+    def connect(self) -> Iterator[sqlite3.Connection]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self.db_path, timeout=30)
+        conn.row_factory = sqlite3.Row
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.executescript(SCHEMA)
+            with conn:  # one transaction: commit on success, roll back on error
+                yield conn
+        finally:
+            conn.close()
+
+    def run_dir(self, run_id: str) -> Path:
+        return self.root / run_id
+
+    # ------------------------------------------------------------------ runs
+    def create_run(self, run_id: str, config: dict, info: dict | None = None) -> None:
+        with self.connect() as conn:
+            conn.execute(
+                "INSERT INTO runs (run_id, status, config, created_at, info) VALUES (?, 'running', ?, ?, ?)",
+                (run_id, json.dumps(config), time.time(), json.dumps(info or {})),
+            )
+
+    def update_run(self, run_id: str, **fields: Any) -> None:
+        allowed = {"status", "error", "finished_at", "delta", "info"}
+        unknown = set(fields) - allowed
+        if unknown:
+            raise ValueError(f"cannot update {unknown}")
+        if "info" in fields:
+            merged = {**self.get_run(run_id).info, **fields["info"]}
+            fields["info"] = json.dumps(merged)
+        assignments = ", ".join(f"{k} = ?" for k in fields)
+        with self.connect() as conn:
+            conn.execute(f"UPDATE runs SET {assignments} WHERE run_id = ?", (*fields.values(), run_id))
+
+    def finish_run(self, run_id: str, status: str, error: str | None = None) -> None:
+        if status not in STATUSES:
+            raise ValueError(status)
+        self.update_run(run_id, status=status, error=error, finished_at=time.time())
+
+    def get_run(self, run_id: str) -> RunRecord:
+        if not self.db_path.exists():
+            raise BadInput(f"no runs stored in {self.root}")
+        with self.connect() as conn:
+            row = conn.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        if row is None:
+            raise BadInput(f"unknown run {run_id!r} in {self.root}")
+        return self._record(row)
+
+    def list_runs(self) -> list[RunRecord]:
+        if not self.db_path.exists():
+            return []
+        with self.connect() as conn:
+            rows = conn.execute("SELECT * FROM runs ORDER BY created_at").fetchall()
+        return [self._record(r) for r in rows]
+
+    @staticmethod
+    def _record(row: sqlite3.Row) -> RunRecord:
+        return RunRecord(
+            run_id=row["run_id"],
+            status=row["status"],
+            error=row["error"],
+            config=json.loads(row["config"]),
+            created_at=row["created_at"],
+            finished_at=row["finished_at"],
+            delta=row["delta"],
+            info=json.loads(row["info"]),
+        )
+
+    # ------------------------------------------------------------------ clients
+    def record_clients(self, run_id: str, clients: list[dict]) -> None:
+        with self.connect() as conn:
+            conn.executemany(
+                "INSERT OR REPLACE INTO clients (run_id, client, num_train, num_val, label_histogram) VALUES (?, ?, ?, ?, ?)",
+                [(run_id, c["client"], c["num_train"], c["num_val"], json.dumps(c["label_histogram"])) for c in clients],
+            )
+
+    def get_clients(self, run_id: str) -> list[dict]:
+        with self.connect() as conn:
+            rows = conn.execute("SELECT * FROM clients WHERE run_id = ? ORDER BY client", (run_id,)).fetchall()
+        return [
+            {"client": r["client"], "num_train": r["num_train"], "num_val": r["num_val"], "label_histogram": json.loads(r["label_histogram"])}
+            for r in rows
+        ]
+
+    # ------------------------------------------------------------------ rounds and ledger
+    def commit_spend(self, run_id: str, round_: int, clients: list[dict], epsilon: float | None) -> None:
+        """Persist a round's privacy spend in one transaction.
+
+        Called before the round's model is checkpointed or sent anywhere, so a crash
+        can over-report epsilon but never under-report it.
+        """
+        with self.connect() as conn:
+            conn.executemany(
+                "INSERT OR REPLACE INTO client_rounds (run_id, round, client, num_examples, train_loss, epsilon, "
+                "noise_multiplier, sample_rate, steps) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        run_id,
+                        round_,
+                        c["client"],
+                        c.get("num_examples"),
+                        _nan_to_none(c.get("train_loss")),
+                        c.get("epsilon"),
+                        c.get("noise_multiplier"),
+                        c.get("sample_rate"),
+                        c.get("steps"),
+                    )
+                    for c in clients
+                ],
+            )
+            conn.execute(
+                "INSERT INTO rounds (run_id, round, epsilon, participants) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT(run_id, round) DO UPDATE SET epsilon = excluded.epsilon, participants = excluded.participants",
+                (run_id, round_, epsilon, len(clients)),
+            )
+
+    def record_round(self, run_id: str, round_: int, metrics: dict, client_eval: list[dict]) -> None:
+        columns = ("accuracy", "loss", "federated_accuracy", "federated_loss", "train_loss", "seconds", "model_sha256")
+        values = [_nan_to_none(metrics.get(c)) for c in columns]
+        with self.connect() as conn:
+            conn.execute(
+                f"INSERT INTO rounds (run_id, round, {', '.join(columns)}) VALUES (?, ?, {', '.join('?' * len(columns))}) "
+                f"ON CONFLICT(run_id, round) DO UPDATE SET {', '.join(f'{c} = excluded.{c}' for c in columns)}",
+                (run_id, round_, *values),
+            )
+            for c in client_eval:
+                conn.execute(
+                    "INSERT INTO client_rounds (run_id, round, client, val_accuracy, val_loss) VALUES (?, ?, ?, ?, ?) "
+                    "ON CONFLICT(run_id, round, client) DO UPDATE SET val_accuracy = excluded.val_accuracy, val_loss = excluded.val_loss",
+                    (run_id, round_, c["client"], _nan_to_none(c.get("accuracy")), _nan_to_none(c.get("loss"))),
+                )
+
+    def get_rounds(self, run_id: str) -> list[dict]:
+        with self.connect() as conn:
+            rounds = [dict(r) for r in conn.execute("SELECT * FROM rounds WHERE run_id = ? ORDER BY round", (run_id,))]
+            per_client = [dict(r) for r in conn.execute("SELECT * FROM client_rounds WHERE run_id = ? ORDER BY round, client", (run_id,))]
+        by_round: dict[int, list[dict]] = {}
+        for row in per_client:
+            row.pop("run_id")
+            by_round.setdefault(row["round"], []).append(row)
+        for r in rounds:
+            r.pop("run_id")
+            r["clients"] = by_round.get(r["round"], [])
+        return rounds
+
+    def ledger(self, run_id: str, up_to_round: int | None = None) -> dict[int, list[tuple[float, float, int]]]:
+        """Each client's (noise multiplier, sample rate, steps) history, in round order."""
+        query = "SELECT client, noise_multiplier, sample_rate, steps FROM client_rounds WHERE run_id = ? AND steps IS NOT NULL AND noise_multiplier IS NOT NULL"
+        params: list[Any] = [run_id]
+        if up_to_round is not None:
+            query += " AND round <= ?"
+            params.append(up_to_round)
+        with self.connect() as conn:
+            rows = conn.execute(query + " ORDER BY round, client", params).fetchall()
+        out: dict[int, list[tuple[float, float, int]]] = {}
+        for r in rows:
+            out.setdefault(r["client"], []).append((r["noise_multiplier"], r["sample_rate"], r["steps"]))
+        return out

@@ -1,0 +1,76 @@
+"""Every bad input named in the foundation issue: one clear line, exit 2, no
+traceback, and nothing written to the run store."""
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from cli import app
+
+
+@pytest.fixture
+def csvs(tmp_path):
+    rng = np.random.default_rng(0)
+    good = pd.DataFrame(rng.normal(size=(60, 3)), columns=["a", "b", "c"])
+    good["y"] = rng.integers(0, 2, size=60)
+    good.to_csv(tmp_path / "good.csv", index=False)
+    text = good.copy()
+    text["b"] = "x"
+    text.to_csv(tmp_path / "text.csv", index=False)
+    nan = good.copy()
+    nan.loc[3, "c"] = np.nan
+    nan.to_csv(tmp_path / "nan.csv", index=False)
+    good.head(5).to_csv(tmp_path / "tiny.csv", index=False)
+    (tmp_path / "garbage.toml").write_text("rounds = = 3\n[[[")
+    (tmp_path / "unknown.toml").write_text("rounds = 2\nwarp-speed = 9\n")
+    return tmp_path
+
+
+CASES = {
+    "unknown dataset": (["--dataset", "imagenet"], "unknown dataset"),
+    "unknown strategy": (["--strategy", "fedmagic"], "unknown strategy"),
+    "unknown model": (["--model", "resnet"], "unknown model"),
+    "missing file": (["--data", "{d}/nope.csv", "--label", "y"], "not found"),
+    "missing label flag": (["--data", "{d}/good.csv"], "--label"),
+    "unknown label column": (["--data", "{d}/good.csv", "--label", "target"], "label column 'target' not found"),
+    "non-numeric features": (["--data", "{d}/text.csv", "--label", "y"], "non-numeric feature column(s) in text.csv: b"),
+    "NaN features": (["--data", "{d}/nan.csv", "--label", "y"], "NaN or infinite values in feature column(s) of nan.csv: c"),
+    "fewer samples than clients": (["--data", "{d}/tiny.csv", "--label", "y", "--clients", "10", "--test-fraction", "0"], "fewer training samples (5) than clients (10)"),
+    "client smaller than batch": (["--clients", "40", "--batch-size", "64"], "fewer than --batch-size 64"),
+    "noise multiplier zero": (["--noise-multiplier", "0"], "--noise-multiplier must be > 0"),
+    "noise multiplier negative": (["--noise-multiplier", "-1"], "--noise-multiplier must be > 0"),
+    "delta too large": (["--delta", "0.05"], "must be below 1/(smallest client's records)"),
+    "rounds zero": (["--rounds", "0"], "--rounds must be >= 1"),
+    "data and dataset": (["--data", "{d}/good.csv", "--dataset", "digits", "--label", "y"], "mutually exclusive"),
+    "unreadable config": (["--config", "{d}/garbage.toml"], "not valid TOML"),
+    "missing config": (["--config", "{d}/absent.toml"], "config file not found"),
+    "unknown config keys": (["--config", "{d}/unknown.toml"], "unknown key(s) in config file"),
+    "bad partition": (["--partition", "zipf"], "unknown partition"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_one_line_and_exit_2(case, csvs, tmp_path):
+    args, expected = CASES[case]
+    runs = tmp_path / "runs"
+    result = CliRunner().invoke(app, ["run", *[a.format(d=csvs) for a in args], "--runs-dir", str(runs)])
+    message = result.stderr.strip()
+    assert result.exit_code == 2, (result.exit_code, message, result.stdout)
+    assert expected in message
+    assert len(message.splitlines()) == 1, message
+    assert message.startswith("error: ")
+    assert "Traceback" not in result.output + message
+    assert not (runs / "runs.db").exists() and not any(runs.glob("*")) if runs.exists() else True
+
+
+def test_unknown_run_for_show(tmp_path):
+    result = CliRunner().invoke(app, ["show", "nope", "--runs-dir", str(tmp_path)])
+    assert result.exit_code == 2
+    assert result.stderr.strip().startswith("error: no runs stored")
+
+
+@pytest.mark.parametrize("command", ["run", "runs", "show", "demo"])
+def test_every_command_has_help(command):
+    result = CliRunner().invoke(app, [command, "--help"])
+    assert result.exit_code == 0 and "Usage" in result.output

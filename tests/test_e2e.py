@@ -1,0 +1,89 @@
+"""End to end through the real CLI, Flower Simulation Engine and Opacus:
+3 clients, 2 rounds, private and non-private (session fixtures in conftest)."""
+
+import json
+import sqlite3
+import tomllib
+from pathlib import Path
+
+import pytest
+from opacus.accountants import PRVAccountant
+from safetensors.numpy import load_file
+
+from tests.conftest import run_json
+
+pytestmark = pytest.mark.simulation
+
+
+def _db(run: dict) -> sqlite3.Connection:
+    conn = sqlite3.connect(Path(run["run_dir"]).parent / "runs.db")
+    conn.row_factory = sqlite3.Row
+    return conn
+
+
+@pytest.mark.parametrize("fixture", ["private_run", "nonprivate_run"])
+def test_run_store_holds_a_complete_run(fixture, request):
+    run = request.getfixturevalue(fixture)
+    assert run["status"] == "completed" and run["rounds"] == 2
+    assert 0.3 < run["accuracy"] <= 1.0
+    run_dir = Path(run["run_dir"])
+    config = tomllib.loads((run_dir / "config.toml").read_text())
+    assert config["clients"] == 3 and config["rounds"] == 2 and config["dp"] == (fixture == "private_run")
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["round-0001.safetensors", "round-0002.safetensors"]
+    final = load_file(run_dir / "model.safetensors")
+    last_checkpoint = load_file(run_dir / "checkpoints" / "round-0002.safetensors")
+    assert final.keys() == last_checkpoint.keys()
+    assert all((final[k] == last_checkpoint[k]).all() for k in final)
+    with _db(run) as conn:
+        row = conn.execute("SELECT * FROM runs WHERE run_id = ?", (run["run_id"],)).fetchone()
+        assert row["status"] == "completed" and row["finished_at"] >= row["created_at"]
+        assert json.loads(row["config"])["rounds"] == 2
+        rounds = conn.execute("SELECT * FROM rounds WHERE run_id = ? ORDER BY round", (run["run_id"],)).fetchall()
+        assert [r["round"] for r in rounds] == [1, 2]
+        assert all(r["accuracy"] is not None and r["model_sha256"] for r in rounds)
+        clients = conn.execute("SELECT * FROM client_rounds WHERE run_id = ?", (run["run_id"],)).fetchall()
+        assert len(clients) == 6  # 3 clients x 2 rounds
+    # the client table was reported: sizes and label histograms
+    assert [c["client"] for c in run["clients"]] == [0, 1, 2]
+    assert all(sum(c["label_histogram"]) == c["num_train"] for c in run["clients"])
+
+
+def test_private_json_reports_epsilon_and_delta(private_run, nonprivate_run):
+    assert private_run["epsilon"] > 0 and private_run["delta"] == 1e-5
+    assert nonprivate_run["epsilon"] is None and nonprivate_run["delta"] is None
+
+
+def test_epsilon_is_cumulative_and_matches_a_fresh_accountant(private_run, e2e_dir):
+    shown = run_json("show", private_run["run_id"], runs_dir=e2e_dir)
+    assert set(shown) >= {"run_id", "config", "rounds"}
+    histories: dict[int, list] = {}
+    previous: dict[int, float] = {}
+    for rnd in shown["rounds"]:
+        assert set(rnd) >= {"round", "accuracy", "loss", "epsilon", "clients"}
+        for client in rnd["clients"]:
+            assert set(client) >= {"client", "epsilon", "num_examples"}
+            cid = client["client"]
+            histories.setdefault(cid, []).append((client["noise_multiplier"], client["sample_rate"], client["steps"]))
+            # A fresh Opacus accountant fed this client's whole history so far.
+            accountant = PRVAccountant()
+            for sigma, q, steps in histories[cid]:
+                for _ in range(steps):
+                    accountant.step(noise_multiplier=sigma, sample_rate=q)
+            assert client["epsilon"] == pytest.approx(accountant.get_epsilon(delta=shown["delta"]), rel=1e-6)
+            assert client["epsilon"] > previous.get(cid, 0.0)  # strictly rising
+            previous[cid] = client["epsilon"]
+        assert rnd["epsilon"] == pytest.approx(max(previous.values()))
+    assert private_run["epsilon"] == pytest.approx(max(previous.values()))
+    assert shown["privacy"]["rounds_trained"] == {"0": [1, 2], "1": [1, 2], "2": [1, 2]}
+
+
+def test_same_seed_same_accuracy(private_run, private_rerun):
+    assert private_rerun["run_id"] != private_run["run_id"]
+    assert private_rerun["accuracy"] == private_run["accuracy"]
+    assert private_rerun["epsilon"] == private_run["epsilon"]
+
+
+def test_runs_lists_every_run(private_run, nonprivate_run, e2e_dir):
+    listed = run_json("runs", runs_dir=e2e_dir)
+    ids = {r["run_id"] for r in listed}
+    assert {private_run["run_id"], nonprivate_run["run_id"]} <= ids
