@@ -14,6 +14,7 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
+import torch  # noqa: E402
 
 from clients.training import GRAD_SAMPLE_MODE, DPSettings, train_local  # noqa: E402
 from shared import privacy  # noqa: E402
@@ -90,6 +91,9 @@ def train(msg: Message, context: Context) -> Message:
     model_name, model = _model_for(config, prepare(spec).meta)
     load_numpy(model, _arrays(msg))
 
+    # One thread per simulated client: tiny models on shared cores run far slower
+    # with torch's default thread pool (measured in bench/dp_step.py).
+    torch.set_num_threads(1)
     round_ = int(config["server-round"])
     dp = None
     if config["dp"]:
