@@ -136,7 +136,7 @@ def _run_with_progress(cfg, runs_dir, *, as_json: bool, verbose: bool, label: st
 
     job = prepare_run(cfg, runs_dir)
     clients_seen: list[dict] = []
-    err.print(f"run {job.run_id}{label}: delta = {job.delta:g}" + ("" if cfg.dp else " (non-private run: no DP)"))
+    err.print(f"run {job.run_id}{label}: " + (f"sample-level DP, delta = {job.delta:g}" if cfg.dp else "non-private (no DP)"))
     progress = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -180,7 +180,8 @@ def _print_summary(summary: dict) -> None:
     table = Table(title=f"run {summary['run_id']}", show_header=False, title_justify="left")
     for key in ("status", "rounds", "accuracy", "f1_macro", "epsilon", "delta", "accountant", "privacy_unit", "wall_time", "run_dir"):
         if key in summary:
-            table.add_row(key, _fmt(summary[key]))
+            value = summary[key]
+            table.add_row(key, f"{value:g}" if key == "delta" and value is not None else _fmt(value))
     if summary.get("error"):
         table.add_row("error", summary["error"])
     out.print(table)
@@ -272,9 +273,9 @@ def demo(
         return
     table = Table(title="digits, 10 clients, same seed", title_justify="left")
     for col in ("run", "run id", "status", "accuracy", "macro F1", "epsilon", "delta"):
-        table.add_column(col)
+        table.add_column(col, no_wrap=True)
     for (name, _), s in zip(demo_configs(), summaries):
-        table.add_row(name, s["run_id"], s["status"], _fmt(s["accuracy"]), _fmt(s.get("f1_macro")), _fmt(s["epsilon"], 3), _fmt(s["delta"]))
+        table.add_row(name, s["run_id"], s["status"], _fmt(s["accuracy"]), _fmt(s.get("f1_macro")), _fmt(s["epsilon"], 3), "-" if s["delta"] is None else f"{s['delta']:g}")
     out.print(table)
     out.print(f"runs are stored in {Path(summaries[0]['run_dir']).parent}")
     if any(s["status"] == "failed" for s in summaries):

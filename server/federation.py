@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
@@ -141,7 +142,10 @@ def run_federation(grid: Grid, job: ServerJob) -> dict:
     spec = c.data_spec
     prepared = prepare(spec)
     meta = prepared.meta
-    model = build_model(job.model_name, meta.num_features, meta.num_classes, meta.image_side)
+    with torch.random.fork_rng():
+        # The initial global model is part of the run's seed: same seed, same start.
+        torch.manual_seed(c.seed)
+        model = build_model(job.model_name, meta.num_features, meta.num_classes, meta.image_side)
     atomic_write_bytes(
         run_dir / "model.json",
         json.dumps({"model": job.model_name, "num_features": meta.num_features, "num_classes": meta.num_classes, "image_side": meta.image_side}).encode(),

@@ -39,10 +39,10 @@ class RunConfig:
     model: str | None = None
     local_epochs: int = 1
     batch_size: int = 16
-    lr: float = 1.0
+    lr: float = 0.5
     optimizer: str = "sgd"
     # federation
-    rounds: int = 15
+    rounds: int = 20
     strategy: str = "fedavg"
     fraction: float = 1.0
     proximal_mu: float = 0.01
@@ -51,7 +51,7 @@ class RunConfig:
     # sample-level differential privacy
     dp: bool = True
     noise_multiplier: float = 1.2
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = 2.0
     delta: float | None = None
 
     # ------------------------------------------------------------------ conversions

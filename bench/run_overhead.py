@@ -1,0 +1,109 @@
+"""`fedaudit run` wall time against the same local training in a plain PyTorch loop.
+
+    python -m bench.run_overhead [--rounds 6] [--clients 10]
+
+The federated run is split into a fixed start-up cost (Ray, actors, the describe
+round, shutdown: wall time minus the sum of round times) and a per-round time. The
+plain loop does the same work per round in this process: every client trains with
+the same settings (DP included), every client evaluates on its validation split, and
+the server evaluates the aggregated model on the test split. With one CPU per client
+Ray runs as many clients at once as there are cores, so the plain round time is
+divided by that parallelism before comparing. Plain rounds are timed before and after
+the simulation (interleaved around it) and the median is taken.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+import warnings
+
+import numpy as np
+import torch
+
+from clients.training import GRAD_SAMPLE_MODE, DPSettings, train_local
+from server.runner import prepare_run, run_simulation_job
+from shared.config import resolve
+from shared.data import client_data, prepare
+from shared.evaluation import evaluate
+from shared.models import build_model
+from shared.store import RunStore
+from shared.weights import load_numpy, state_to_numpy
+
+
+def plain_round(cfg, model_name: str, weights: dict, round_: int) -> tuple[float, dict]:
+    spec = cfg.data_spec
+    meta = prepare(spec).meta
+    started = time.perf_counter()
+    updates, sizes = [], []
+    for pid in range(cfg.clients):
+        data = client_data(spec, pid)
+        model = build_model(model_name, meta.num_features, meta.num_classes, meta.image_side)
+        load_numpy(model, weights)
+        result = train_local(
+            model, data.x_train, data.y_train, epochs=cfg.local_epochs, batch_size=cfg.batch_size,
+            learning_rate=cfg.lr, optimizer=cfg.optimizer,
+            dp=DPSettings(cfg.noise_multiplier, cfg.max_grad_norm) if cfg.dp else None,
+            grad_sample_mode=GRAD_SAMPLE_MODE[model_name], seed=round_ * 1000 + pid,
+        )
+        updates.append(state_to_numpy(model))
+        sizes.append(result.num_examples)
+    total = sum(sizes)
+    new = {k: sum(u[k] * n for u, n in zip(updates, sizes)) / total for k in weights}
+    model = build_model(model_name, meta.num_features, meta.num_classes, meta.image_side)
+    load_numpy(model, new)
+    for pid in range(cfg.clients):
+        data = client_data(spec, pid)
+        evaluate(model, data.x_val, data.y_val)
+    evaluate(model, prepare(spec).x_test, prepare(spec).y_test)
+    return time.perf_counter() - started, new
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--clients", type=int, default=10)
+    parser.add_argument("--cpus-per-client", type=float, default=1.0)
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+
+    cfg = resolve(None, dataset="digits", clients=args.clients, rounds=args.rounds, cpus_per_client=args.cpus_per_client)
+    parallel = max(1, int(2 // args.cpus_per_client))
+    runs_dir = tempfile.mkdtemp(prefix="fedaudit-bench-")
+    job = prepare_run(cfg, runs_dir)
+    meta = prepare(cfg.data_spec).meta
+    weights = state_to_numpy(build_model(job.model_name, meta.num_features, meta.num_classes, meta.image_side))
+
+    plain_times = []
+    for r in range(args.rounds):
+        seconds, weights = plain_round(cfg, job.model_name, weights, r + 1)
+        plain_times.append(seconds)
+    started = time.perf_counter()
+    outcome = run_simulation_job(job)
+    wall = time.perf_counter() - started
+    for r in range(args.rounds):
+        seconds, weights = plain_round(cfg, job.model_name, weights, r + 1)
+        plain_times.append(seconds)
+    assert outcome.status == "completed", outcome.error
+
+    rounds = RunStore(runs_dir).get_rounds(job.run_id)
+    round_times = [r["seconds"] for r in rounds]
+    # Round 1 also pays for each actor's first imports and data load; count it as start-up.
+    steady = statistics.median(round_times[1:]) if len(round_times) > 1 else round_times[0]
+    startup = wall - sum(round_times) + (round_times[0] - steady)
+    plain = statistics.median(plain_times) / parallel
+    print(f"fedaudit run: digits, {cfg.clients} clients, {cfg.rounds} rounds, model {job.model_name}, dp={cfg.dp}, "
+          f"{parallel} client(s) in parallel")
+    print(f"  wall time                     {wall:8.2f} s")
+    print(f"  fixed start-up + shutdown     {startup:8.2f} s")
+    print(f"  per round (median, rounds 2+) {steady:8.3f} s")
+    print(f"plain PyTorch loop, same work   {plain:8.3f} s per round (median of {len(plain_times)}, / {parallel} parallel)")
+    print(f"per-round overhead              {100 * (steady - plain) / plain:8.1f} % of compute   (target <= 20%)")
+    print(f"whole run / plain loop          {wall / (plain * cfg.rounds):8.2f} x")
+
+
+if __name__ == "__main__":
+    main()
