@@ -107,20 +107,35 @@ def run(
     dp: Optional[bool] = typer.Option(None, "--dp/--no-dp", help="Sample-level DP-SGD on clients (default: on)."),
     noise_multiplier: Optional[float] = typer.Option(None, help="DP-SGD noise multiplier sigma."),
     max_grad_norm: Optional[float] = typer.Option(None, help="DP-SGD per-sample clipping norm."),
-    delta: Optional[float] = typer.Option(None, help="Target delta (default: below 1/records of the smallest client)."),
+    delta: Optional[float] = typer.Option(None, help="Target delta (default: below 1/records of the smallest client, and 1/clients under client-level DP)."),
+    target_epsilon: Optional[float] = typer.Option(None, help="Calibrate the DP-SGD noise multiplier so every client's epsilon ends <= this."),
+    client_dp: Optional[bool] = typer.Option(None, "--client-dp/--no-client-dp", help="Client-level DP (DP-FedAvg) at the server."),
+    client_noise_multiplier: Optional[float] = typer.Option(None, help="Client-level noise multiplier z."),
+    client_clip: Optional[float] = typer.Option(None, help="Client-level clipping norm C for whole updates."),
+    client_sample_rate: Optional[float] = typer.Option(None, help="Client-level DP: each client joins a round with this probability (Poisson)."),
+    client_target_epsilon: Optional[float] = typer.Option(None, help="Calibrate z so the client-level epsilon ends <= this."),
+    max_epsilon: Optional[float] = typer.Option(None, help="Budget cap: clients refuse rounds that would pass it; client-level checked at the server."),
+    resume: Optional[str] = typer.Option(None, "--resume", metavar="RUN_ID", help="Continue an interrupted run from its last checkpoint."),
     config: Optional[Path] = typer.Option(None, "--config", help="run.toml; flags override it."),
     runs_dir: Optional[Path] = typer.Option(None, help=RUNS_DIR_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object to stdout."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Flower and Ray logs."),
 ) -> None:
     """Train a federated model on the Simulation Engine and store the run."""
-    settings = {k: v for k, v in locals().items() if k not in {"config", "runs_dir", "as_json", "verbose"}}
+    settings = {k: v for k, v in locals().items() if k not in {"config", "runs_dir", "as_json", "verbose", "resume"}}
+    from server.runner import prepare_resume, prepare_run
     from shared.config import resolve
 
-    if settings["data"] is not None:
-        settings["data"] = str(settings["data"])
-    cfg = resolve(config, **settings)
-    summary = _run_with_progress(cfg, runs_dir, as_json=as_json, verbose=verbose)
+    if resume is not None:
+        given = sorted(k.replace("_", "-") for k, v in settings.items() if v is not None)
+        if given or config:
+            raise FedauditError(f"--resume takes the run's stored config; drop {', '.join('--' + g for g in given) or '--config'}")
+        job = prepare_resume(resume, runs_dir)
+    else:
+        if settings["data"] is not None:
+            settings["data"] = str(settings["data"])
+        job = prepare_run(resolve(config, **settings), runs_dir)
+    summary = _run_with_progress(job, as_json=as_json, verbose=verbose)
     if as_json:
         _print_json(summary)
     else:
@@ -129,14 +144,17 @@ def run(
         raise typer.Exit(EXIT_GATE_FAILED)
 
 
-def _run_with_progress(cfg, runs_dir, *, as_json: bool, verbose: bool, label: str = "") -> dict:
+def _run_with_progress(job, *, as_json: bool, verbose: bool, label: str = "") -> dict:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from server.runner import prepare_run, run_simulation_job
+    from server.runner import run_simulation_job
 
-    job = prepare_run(cfg, runs_dir)
+    cfg = job.config
     clients_seen: list[dict] = []
-    err.print(f"run {job.run_id}{label}: " + (f"sample-level DP, delta = {job.delta:g}" if cfg.dp else "non-private (no DP)"))
+    modes = [m for m, on in (("sample-level DP", cfg.dp), ("client-level DP", cfg.client_dp)) if on]
+    err.print(f"run {job.run_id}{label}: " + (" + ".join(modes) + f", delta = {job.delta:g}" if modes else "non-private (no DP)"))
+    for note in job.notes:
+        err.print(f"  {note}")
     progress = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -146,7 +164,7 @@ def _run_with_progress(cfg, runs_dir, *, as_json: bool, verbose: bool, label: st
         console=err,
         transient=False,
     )
-    task = progress.add_task("starting engine", total=cfg.rounds, status="")
+    task = progress.add_task("starting engine", total=cfg.rounds - job.resume_from, status="")
 
     def on_clients(summaries: list[dict]) -> None:
         clients_seen.extend(summaries)
@@ -156,7 +174,9 @@ def _run_with_progress(cfg, runs_dir, *, as_json: bool, verbose: bool, label: st
 
     def on_round(report) -> None:
         eps = f"  eps {report.epsilon:.3f}" if report.epsilon is not None else ""
-        progress.update(task, completed=report.round, status=f"acc {report.accuracy:.3f}{eps}")
+        if report.client_epsilon is not None:
+            eps += f"  client eps {report.client_epsilon:.3f}"
+        progress.update(task, completed=report.round - job.resume_from, status=f"acc {report.accuracy:.3f}{eps}")
 
     with progress:
         outcome = run_simulation_job(job, verbose=verbose, on_round=on_round, on_clients=on_clients)
@@ -178,7 +198,8 @@ def _clients_table(summaries: list[dict]) -> Table:
 
 def _print_summary(summary: dict) -> None:
     table = Table(title=f"run {summary['run_id']}", show_header=False, title_justify="left")
-    for key in ("status", "rounds", "accuracy", "f1_macro", "epsilon", "delta", "accountant", "privacy_unit", "wall_time", "run_dir"):
+    for key in ("status", "rounds", "accuracy", "f1_macro", "epsilon", "epsilon_rdp", "client_epsilon", "client_epsilon_rdp", "delta",
+                "accountant", "privacy_unit", "max_epsilon", "budget_left", "wall_time", "run_dir"):
         if key in summary:
             value = summary[key]
             table.add_row(key, f"{value:g}" if key == "delta" and value is not None else _fmt(value))
@@ -240,7 +261,12 @@ def show(
     out.print(cfg)
     if report.get("privacy"):
         p = report["privacy"]
-        out.print(f"privacy unit: {p['unit']}; accountant: {p['accountant']} (headline), delta = {p['delta']:g}")
+        out.print(f"accountant: {p['accountant']} (headline; RDP also shown), delta = {p['delta']:g}")
+        for unit in p["units"]:
+            out.print(f"privacy unit: {unit['unit']}: epsilon {_fmt(unit['epsilon'], 3)} (PRV), {_fmt(unit['epsilon_rdp'], 3)} (RDP)")
+        if p["max_epsilon"] is not None:
+            out.print(f"budget: max epsilon {p['max_epsilon']:g}, left {_fmt(p['budget_left'], 3)}")
+        out.print("assumptions:")
         for line in p["assumptions"]:
             out.print(f"  - {line}")
     rounds = Table(title="rounds", title_justify="left")
@@ -254,6 +280,72 @@ def show(
     out.print(rounds)
 
 
+# --------------------------------------------------------------------------- budget
+@app.command()
+@user_errors
+def budget(
+    sample_rate: Optional[float] = typer.Option(None, help="Raw mechanism: sampling rate q."),
+    steps: Optional[int] = typer.Option(None, help="Raw mechanism: number of steps T."),
+    noise_multiplier: Optional[float] = typer.Option(None, help="Noise multiplier sigma (sample level): gives epsilon."),
+    target_epsilon: Optional[float] = typer.Option(None, help="Target epsilon (sample level): gives the smallest sigma reaching it."),
+    delta: Optional[float] = typer.Option(None, help="Delta."),
+    rounds: Optional[int] = typer.Option(None, help="Run shape: rounds."),
+    clients: Optional[int] = typer.Option(None, help="Run shape: number of clients."),
+    clients_per_round: Optional[float] = typer.Option(None, help="Run shape: expected clients per round (q = this / clients)."),
+    local_epochs: Optional[int] = typer.Option(None, help="Run shape: local epochs."),
+    batch_size: Optional[int] = typer.Option(None, help="Run shape: batch size."),
+    dataset_size: Optional[int] = typer.Option(None, help="Run shape: total training records, split evenly over clients."),
+    client_noise_multiplier: Optional[float] = typer.Option(None, help="Client level: z, gives epsilon."),
+    client_target_epsilon: Optional[float] = typer.Option(None, help="Client level: target epsilon, gives z."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Take the run shape from a run.toml (its data is loaded for exact client sizes)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON to stdout."),
+) -> None:
+    """Plan a privacy budget: epsilon for a noise level, or the noise for a target epsilon."""
+    from shared import planner
+
+    if sample_rate is not None:
+        report = planner.raw_mechanism(sample_rate, steps, delta, noise_multiplier, target_epsilon)
+    elif config is not None:
+        from server.runner import preflight
+        from shared.config import resolve
+
+        cfg = resolve(config)
+        checked = preflight(cfg)
+        report = planner.run_shape(
+            rounds=rounds or cfg.rounds, clients=cfg.clients, client_sizes=checked.client_sizes,
+            batch_size=batch_size or cfg.batch_size, local_epochs=local_epochs or cfg.local_epochs,
+            participation=(clients_per_round / cfg.clients) if clients_per_round else cfg.participation_rate,
+            delta=delta if delta is not None else checked.delta,
+            noise_multiplier=noise_multiplier if noise_multiplier is not None else (cfg.noise_multiplier if cfg.dp and target_epsilon is None else None),
+            target_epsilon=target_epsilon if target_epsilon is not None else cfg.target_epsilon,
+            client_noise_multiplier=client_noise_multiplier if client_noise_multiplier is not None else (cfg.client_noise_multiplier if cfg.client_dp and client_target_epsilon is None else None),
+            client_target_epsilon=client_target_epsilon if client_target_epsilon is not None else cfg.client_target_epsilon,
+        )
+    else:
+        missing = [f for f, v in (("--rounds", rounds), ("--clients", clients), ("--batch-size", batch_size), ("--dataset-size", dataset_size)) if v is None]
+        if missing:
+            raise FedauditError(f"give --sample-rate/--steps, a --config, or a run shape; missing {', '.join(missing)}")
+        if dataset_size < clients:
+            raise FedauditError(f"--dataset-size {dataset_size} is smaller than --clients {clients}")
+        report = planner.run_shape(
+            rounds=rounds, clients=clients, client_sizes=[dataset_size // clients], batch_size=batch_size,
+            local_epochs=local_epochs or 1, participation=(clients_per_round or clients) / clients, delta=delta,
+            noise_multiplier=noise_multiplier, target_epsilon=target_epsilon,
+            client_noise_multiplier=client_noise_multiplier, client_target_epsilon=client_target_epsilon,
+        )
+    if as_json:
+        _print_json(report)
+        return
+    table = Table(show_header=False, title="privacy budget (headline accountant: PRV)", title_justify="left")
+    for key, value in report.items():
+        if isinstance(value, dict):
+            for k, v in value.items():
+                table.add_row(f"{key}.{k}", _fmt(v) if not isinstance(v, float) else f"{v:.6g}")
+        else:
+            table.add_row(key, f"{value:.6g}" if isinstance(value, float) else str(value))
+    out.print(table)
+
+
 # --------------------------------------------------------------------------- demo
 @app.command()
 @user_errors
@@ -263,11 +355,11 @@ def demo(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Flower and Ray logs."),
 ) -> None:
     """Train on digits with 10 clients twice, non-private and private, and compare."""
-    from server.runner import demo_configs
+    from server.runner import demo_configs, prepare_run
 
     summaries = []
     for name, cfg in demo_configs():
-        summaries.append(_run_with_progress(cfg, runs_dir, as_json=True, verbose=verbose, label=f" ({name})"))
+        summaries.append(_run_with_progress(prepare_run(cfg, runs_dir), as_json=True, verbose=verbose, label=f" ({name})"))
     if as_json:
         _print_json(summaries)
         return

@@ -82,12 +82,55 @@ def describe(msg: Message, context: Context) -> Message:
     )
 
 
+@app.query("restore_ledger")
+def restore_ledger(msg: Message, context: Context) -> Message:
+    """Resume: a fresh node takes back the spend it made before the run was interrupted."""
+    record = msg.content[CONFIG_KEY]
+    restored = list(zip(record["sigma"], record["q"], record["steps"]))
+    # Never lower a ledger this node already holds.
+    if sum(n for *_, n in restored) > sum(n for *_, n in read_ledger(context)):
+        write_ledger(context, restored)
+    return _reply(msg, {PARTITION_ID: partition_id(context), "ledger-steps": sum(n for *_, n in read_ledger(context))})
+
+
+def planned_spend(num_records: int, batch_size: int, epochs: int, noise_multiplier: float) -> tuple[float, float, int]:
+    """The (sigma, q, steps) a round will spend: Opacus's Poisson loader uses q = 1/ceil(n/B)."""
+    batches = -(-num_records // batch_size)
+    return (noise_multiplier, 1.0 / batches, epochs * batches)
+
+
+def _refusal(msg: Message, pid: int, ledger, delta: float, cap: float) -> Message:
+    current = privacy.epsilon(ledger, delta)
+    return _reply(
+        msg,
+        {
+            NUM_EXAMPLES: 0,
+            "train-loss": 0.0,
+            PARTITION_ID: pid,
+            "refused": 1,
+            "epsilon": current,
+            "epsilon-rdp": privacy.epsilon(ledger, delta, "rdp"),
+            "round-noise-multiplier": 0.0,
+            "round-sample-rate": 0.0,
+            "round-steps": 0,
+        },
+    )
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     config = msg.content[CONFIG_KEY]
     spec = spec_from_record(config)
     pid = partition_id(context)
     data = client_data(spec, pid)
+    delta = float(config["delta"])
+    cap = float(config.get("max-epsilon", 0.0))
+    if config["dp"] and cap > 0:
+        plan = planned_spend(len(data.y_train), int(config["batch-size"]), int(config["local-epochs"]), float(config["noise-multiplier"]))
+        ledger = read_ledger(context)
+        if privacy.epsilon(ledger + [plan], delta) > cap:
+            # A normal reply, not a failure: this client's budget cannot cover a round.
+            return _refusal(msg, pid, ledger, delta, cap)
     model_name, model = _model_for(config, prepare(spec).meta)
     load_numpy(model, _arrays(msg))
 
@@ -115,13 +158,14 @@ def train(msg: Message, context: Context) -> Message:
             seed=int(config["data.seed"]) * 1_000_003 + round_ * 10_007 + pid,
         )
 
-    metrics = {NUM_EXAMPLES: result.num_examples, "train-loss": result.loss, PARTITION_ID: pid}
+    metrics = {NUM_EXAMPLES: result.num_examples, "train-loss": result.loss, PARTITION_ID: pid, "refused": 0}
     if dp is not None:
         ledger = read_ledger(context) + [(dp.noise_multiplier, result.sample_rate, result.steps)]
         write_ledger(context, ledger)
         metrics.update(
             {
-                "epsilon": privacy.epsilon(ledger, float(config["delta"])),
+                "epsilon": privacy.epsilon(ledger, delta),
+                "epsilon-rdp": privacy.epsilon(ledger, delta, "rdp"),
                 "round-noise-multiplier": dp.noise_multiplier,
                 "round-sample-rate": result.sample_rate,
                 "round-steps": result.steps,

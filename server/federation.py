@@ -18,6 +18,9 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
+from flwr.serverapp.strategy import Strategy
+
+from server.client_dp import ClientLevelDP
 from server.strategies import ParticipatingClients, build_strategy
 from shared import privacy
 from shared.config import RunConfig
@@ -44,6 +47,7 @@ class RoundReport:
     epsilon: float | None
     participants: int
     seconds: float
+    client_epsilon: float | None = None
 
 
 @dataclass
@@ -55,7 +59,11 @@ class ServerJob:
     delta: float
     runs_dir: str
     model_name: str
+    resume_from: int = 0
+    stop_after_round: int | None = None  # tests: end early as if interrupted
     timeout: float = 3600.0
+    exhausted: set = field(default_factory=set)
+    notes: list = field(default_factory=list)
     on_round: Callable[[RoundReport], None] | None = None
     on_clients: Callable[[list[dict]], None] | None = None
     result: dict = field(default_factory=dict)
@@ -74,6 +82,7 @@ def _config_record(job: ServerJob) -> ConfigRecord:
         "noise-multiplier": c.noise_multiplier,
         "max-grad-norm": c.max_grad_norm,
         "delta": job.delta,
+        "max-epsilon": c.max_epsilon or 0.0,
         "proximal-mu": c.proximal_mu if c.strategy == "fedprox" else 0.0,
         **spec_to_record(c.data_spec),
     }
@@ -134,13 +143,30 @@ def _macro_f1(model, x, y) -> float | None:
     return float(f1_score(y, predict_proba(model, x).argmax(axis=1), average="macro"))
 
 
+def _load_weights(path: Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    return load_file(path)
+
+
+def restore_ledgers(grid: Grid, job: ServerJob, node_of: dict[int, int], ledgers: dict[int, list]) -> None:
+    """Give each fresh node back the spend it made before the run was interrupted."""
+    messages = []
+    for pid, ledger in ledgers.items():
+        record = ConfigRecord({"sigma": [float(s) for s, _, _ in ledger], "q": [float(q) for _, q, _ in ledger], "steps": [int(n) for *_, n in ledger]})
+        messages.append(Message(RecordDict({CONFIG_KEY: record}), message_type=f"{MessageType.QUERY}.restore_ledger", dst_node_id=node_of[pid]))
+    replies = list(grid.send_and_receive(messages, timeout=job.timeout)) if messages else []
+    failed = [r for r in replies if r.has_error()]
+    if failed or len(replies) != len(messages):
+        raise FederationError("could not restore the privacy ledger on every client; refusing to resume")
+
+
 def run_federation(grid: Grid, job: ServerJob) -> dict:
-    """Run all rounds of ``job`` on ``grid``; returns the final summary."""
+    """Run the rounds of ``job`` on ``grid`` (from ``job.resume_from + 1``)."""
     c = job.config
     store = RunStore(job.runs_dir)
     run_dir = store.run_dir(job.run_id)
-    spec = c.data_spec
-    prepared = prepare(spec)
+    prepared = prepare(c.data_spec)
     meta = prepared.meta
     with torch.random.fork_rng():
         # The initial global model is part of the run's seed: same seed, same start.
@@ -153,45 +179,79 @@ def run_federation(grid: Grid, job: ServerJob) -> dict:
 
     base = _config_record(job)
     node_of = describe_clients(grid, job, base)
-    strategy = ParticipatingClients(
+    strategy: Strategy = ParticipatingClients(
         build_strategy(c.strategy, proximal_mu=c.proximal_mu, server_lr=c.server_lr, client_lr=c.lr),
         node_of,
-        c.fraction,
+        c.participation_rate if c.client_dp else c.fraction,
         c.seed,
+        mode="poisson" if c.client_dp else "fixed",
     )
+    client_dp: ClientLevelDP | None = None
+    if c.client_dp:
+        client_dp = strategy = ClientLevelDP(strategy, c.client_noise_multiplier, c.client_clip, c.participation_rate, c.clients, c.seed)
 
-    arrays = ArrayRecord({k: Array(v) for k, v in state_to_numpy(model).items()})
-    latest_epsilon: dict[int, float] = {}
+    weights = state_to_numpy(model)
+    latest: dict[int, tuple[float, float]] = {}  # client -> (epsilon prv, epsilon rdp)
+    start = job.resume_from + 1
+    if job.resume_from:
+        weights = _load_weights(run_dir / "checkpoints" / f"round-{job.resume_from:04d}.safetensors")
+        ledgers = store.ledger(job.run_id)
+        for pid, extra in store.interrupted_spend(job.run_id).items():
+            ledgers[pid] = ledgers.get(pid, []) + extra
+        restore_ledgers(grid, job, node_of, ledgers)
+        latest = {pid: (privacy.epsilon(l, job.delta), privacy.epsilon(l, job.delta, "rdp")) for pid, l in ledgers.items()}
+    arrays = ArrayRecord({k: Array(v) for k, v in weights.items()})
+
+    status = "completed"
     accuracy = loss = float("nan")
-    for rnd in range(1, c.rounds + 1):
+    load_numpy(model, weights)
+    for rnd in range(start, c.rounds + 1):
         started = time.time()
-        train_messages = strategy.configure_train(rnd, arrays, ConfigRecord(dict(base)), grid)
-        replies = list(grid.send_and_receive(train_messages, timeout=job.timeout))
+        epsilons: dict[str, float | None] = {}
+        if client_dp is not None:
+            client_ledger = [(c.client_noise_multiplier, c.participation_rate, rnd)]
+            epsilons["client_epsilon"] = privacy.epsilon(client_ledger, job.delta)
+            epsilons["client_epsilon_rdp"] = privacy.epsilon(client_ledger, job.delta, "rdp")
+            if c.max_epsilon is not None and epsilons["client_epsilon"] > c.max_epsilon:
+                status = "budget-exhausted"  # checked before any client is asked to train
+                break
+
+        replies = list(grid.send_and_receive(strategy.configure_train(rnd, arrays, ConfigRecord(dict(base)), grid), timeout=job.timeout))
         good = sorted((r for r in replies if not r.has_error()), key=lambda r: _metrics(r)[PARTITION_ID])
-        if not good:
-            reasons = "; ".join(sorted({r.error.reason.splitlines()[0] for r in replies if r.has_error()})) or "no replies"
+        trained = [r for r in good if not _metrics(r).get("refused", 0)]
+        if replies and not good:
+            reasons = "; ".join(sorted({r.error.reason.splitlines()[0] for r in replies if r.has_error()}))
             raise FederationError(f"round {rnd}: no client returned an update ({reasons})")
 
         spend = []
         for reply in good:
             m = _metrics(reply)
-            row = {"client": int(m[PARTITION_ID]), "num_examples": int(m[NUM_EXAMPLES]), "train_loss": float(m["train-loss"])}
+            row = {"client": int(m[PARTITION_ID]), "num_examples": int(m[NUM_EXAMPLES]), "train_loss": float(m["train-loss"]), "refused": int(m.get("refused", 0))}
             if c.dp:
-                row.update(
-                    epsilon=float(m["epsilon"]),
-                    noise_multiplier=float(m["round-noise-multiplier"]),
-                    sample_rate=float(m["round-sample-rate"]),
-                    steps=int(m["round-steps"]),
-                )
-                latest_epsilon[row["client"]] = row["epsilon"]
+                row.update(epsilon=float(m["epsilon"]), epsilon_rdp=float(m["epsilon-rdp"]))
+                if not row["refused"]:
+                    row.update(noise_multiplier=float(m["round-noise-multiplier"]), sample_rate=float(m["round-sample-rate"]), steps=int(m["round-steps"]))
+                latest[row["client"]] = (row["epsilon"], row["epsilon_rdp"])
             spend.append(row)
-        run_epsilon = max(latest_epsilon.values()) if c.dp else None
-        store.commit_spend(job.run_id, rnd, spend, run_epsilon)
+        if c.dp:
+            epsilons["epsilon"] = max((e for e, _ in latest.values()), default=0.0)
+            epsilons["epsilon_rdp"] = max((e for _, e in latest.values()), default=0.0)
+        store.commit_spend(job.run_id, rnd, spend, epsilons)
 
-        new_arrays, _ = strategy.aggregate_train(rnd, good)
-        if new_arrays is None:
-            raise FederationError(f"round {rnd}: the strategy could not aggregate the client updates")
-        arrays = new_arrays
+        # Refusing is permanent: a client's epsilon only grows and its per-round spend
+        # is fixed, so once every client has refused, no client can train again.
+        job.exhausted |= {r["client"] for r in spend if r["refused"]}
+        if trained or client_dp is not None:
+            new_arrays, _ = strategy.aggregate_train(rnd, trained)
+            if new_arrays is None:
+                raise FederationError(f"round {rnd}: the strategy could not aggregate the client updates")
+            arrays = new_arrays
+        elif not replies:
+            raise FederationError(f"round {rnd}: no client was reachable")
+        if len(job.exhausted) >= c.clients:
+            status = "budget-exhausted"
+            if not trained:
+                break
         weights = {k: v.numpy() for k, v in arrays.items()}
 
         eval_replies = list(grid.send_and_receive(strategy.configure_evaluate(rnd, arrays, ConfigRecord(dict(base)), grid), timeout=job.timeout))
@@ -204,8 +264,7 @@ def run_federation(grid: Grid, job: ServerJob) -> dict:
 
         load_numpy(model, weights)
         loss, accuracy = evaluate(model, prepared.x_test, prepared.y_test)
-        checkpoint = run_dir / "checkpoints" / f"round-{rnd:04d}.safetensors"
-        _save_weights(checkpoint, weights)
+        _save_weights(run_dir / "checkpoints" / f"round-{rnd:04d}.safetensors", weights)
         seconds = time.time() - started
         store.record_round(
             job.run_id,
@@ -222,9 +281,12 @@ def run_federation(grid: Grid, job: ServerJob) -> dict:
             client_eval,
         )
         if job.on_round:
-            job.on_round(RoundReport(rnd, c.rounds, accuracy, loss, run_epsilon, len(good), seconds))
+            job.on_round(RoundReport(rnd, c.rounds, accuracy, loss, epsilons.get("epsilon"), len(trained), seconds, epsilons.get("client_epsilon")))
+        if status == "budget-exhausted" or (job.stop_after_round is not None and rnd >= job.stop_after_round):
+            break
 
-    _save_weights(run_dir / "model.safetensors", {k: v.numpy() for k, v in arrays.items()})
+    load_numpy(model, weights)
+    _save_weights(run_dir / "model.safetensors", weights)
     store.update_run(job.run_id, info={"f1_macro": _macro_f1(model, prepared.x_test, prepared.y_test)})
-    job.result = {"accuracy": accuracy, "loss": loss, "epsilon": max(latest_epsilon.values()) if c.dp else None}
+    job.result = {"status": status, "accuracy": accuracy, "loss": loss}
     return job.result

@@ -11,13 +11,13 @@ import os
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import tomli_w
 
 from server.federation import RoundReport, ServerJob
-from shared import privacy
+from shared import planner, privacy
 from shared.config import RunConfig
 from shared.data import client_data, prepare
 from shared.errors import BadInput
@@ -31,9 +31,11 @@ CLIENT_APP_REF = "clients.app:app"
 
 @dataclass
 class Preflight:
+    config: RunConfig  # with any noise multiplier calibrated from a target epsilon
     delta: float
     model_name: str
-    smallest_client: int
+    client_sizes: list[int]
+    notes: list[str]
 
 
 def preflight(config: RunConfig) -> Preflight:
@@ -48,21 +50,62 @@ def preflight(config: RunConfig) -> Preflight:
     if smallest < config.batch_size:
         client = sizes.index(smallest)
         raise BadInput(f"client {client} has {smallest} training records, fewer than --batch-size {config.batch_size}")
-    delta = config.delta if config.delta is not None else privacy.default_delta(smallest)
+
+    notes = []
+    if config.delta is not None:
+        delta = config.delta
+    else:
+        delta = privacy.default_delta(smallest if config.dp else None, config.clients if config.client_dp else None)
+        notes.append(f"delta = {delta:g} (default: below 1/(records of the smallest client)" + (" and 1/(number of clients)" if config.client_dp else "") + ")")
     if config.dp and delta >= 1.0 / smallest:
         raise BadInput(f"--delta {delta:g} must be below 1/(smallest client's records) = 1/{smallest} = {1.0 / smallest:.3g}")
-    return Preflight(delta=delta, model_name=model_name, smallest_client=smallest)
+    if config.client_dp and delta >= 1.0 / config.clients:
+        raise BadInput(f"--delta {delta:g} must be below 1/(number of clients) = 1/{config.clients} for client-level DP")
+
+    if config.target_epsilon is not None:
+        mechanisms = planner.sample_level_mechanisms(sizes, config.batch_size, config.local_epochs, config.rounds)
+        sigma = planner.noise_for(mechanisms, config.target_epsilon, delta)
+        config = replace(config, noise_multiplier=sigma)
+        notes.append(f"noise multiplier = {sigma:.4f}, calibrated for sample-level epsilon <= {config.target_epsilon:g} at delta {delta:g}")
+    if config.client_target_epsilon is not None:
+        z = privacy.noise_for_target(config.client_target_epsilon, config.participation_rate, config.rounds, delta)
+        config = replace(config, client_noise_multiplier=z)
+        notes.append(f"client noise multiplier = {z:.4f}, calibrated for client-level epsilon <= {config.client_target_epsilon:g} at delta {delta:g}")
+    return Preflight(config=config, delta=delta, model_name=model_name, client_sizes=sizes, notes=notes)
 
 
 def prepare_run(config: RunConfig, runs_dir: str | Path | None, run_id: str | None = None) -> ServerJob:
     """Check the input, then create the run row and folder."""
     checked = preflight(config)
+    config = checked.config
     store = RunStore(runs_dir)
     run_id = run_id or new_run_id()
-    store.create_run(run_id, config.to_dict(), info={"model": checked.model_name, "engine": "simulation"})
+    store.create_run(run_id, config.to_dict(), info={"model": checked.model_name, "engine": "simulation", "notes": checked.notes})
     store.update_run(run_id, delta=checked.delta)
     atomic_write_bytes(store.run_dir(run_id) / "config.toml", tomli_w.dumps(config.to_toml_dict()).encode())
-    return ServerJob(run_id=run_id, config=config, delta=checked.delta, runs_dir=str(store.root), model_name=checked.model_name)
+    return ServerJob(run_id=run_id, config=config, delta=checked.delta, runs_dir=str(store.root), model_name=checked.model_name, notes=checked.notes)
+
+
+def prepare_resume(run_id: str, runs_dir: str | Path | None) -> ServerJob:
+    """Continue an interrupted run from its last checkpoint, ledger restored.
+
+    Spend committed for the round that was in flight is set aside (not deleted) and
+    still counted in every client's epsilon, so epsilon can only be over-reported.
+    """
+    store = RunStore(runs_dir)
+    record = store.get_run(run_id)
+    if record.status in ("completed", "budget-exhausted"):
+        raise BadInput(f"run {run_id} already ended with status {record.status}; nothing to resume")
+    config = RunConfig(**{k.replace("-", "_"): v for k, v in record.config.items()}).validate()
+    last = store.last_checkpointed_round(run_id)
+    while last and not (store.run_dir(run_id) / "checkpoints" / f"round-{last:04d}.safetensors").exists():
+        last -= 1
+    store.set_aside_interrupted(run_id, last)
+    store.update_run(run_id, status="running", error=None, finished_at=None)
+    notes = [f"resuming run {run_id} after round {last}"]
+    return ServerJob(
+        run_id=run_id, config=config, delta=record.delta, runs_dir=str(store.root), model_name=record.info["model"], resume_from=last, notes=notes
+    )
 
 
 @dataclass
@@ -118,7 +161,7 @@ def run_simulation_job(
         error = f"{type(exc).__name__}: {exc}"
         if verbose:
             traceback.print_exc()
-    status = "failed" if error else "completed"
+    status = "failed" if error else job.result.get("status", "completed")
     store.finish_run(job.run_id, status, error)
     store.update_run(job.run_id, info={"seconds": time.time() - started})
     return RunOutcome(job.run_id, status, error, summarize(store, job.run_id))
@@ -131,7 +174,11 @@ def summarize(store: RunStore, run_id: str) -> dict:
     finished = [r for r in rounds if r["accuracy"] is not None]
     last = finished[-1] if finished else {}
     dp = record.config.get("dp", False)
+    client_dp = record.config.get("client-dp", False)
     ledger = store.ledger(run_id)
+    cap = record.config.get("max-epsilon")
+    epsilon = max((r["epsilon"] for r in rounds if r["epsilon"] is not None), default=None) if dp else None
+    client_epsilon = max((r["client_epsilon"] for r in rounds if r["client_epsilon"] is not None), default=None) if client_dp else None
     return {
         "run_id": run_id,
         "status": record.status,
@@ -140,18 +187,36 @@ def summarize(store: RunStore, run_id: str) -> dict:
         "accuracy": last.get("accuracy"),
         "loss": last.get("loss"),
         "f1_macro": record.info.get("f1_macro"),
-        "epsilon": max((r["epsilon"] for r in rounds if r["epsilon"] is not None), default=None) if dp else None,
-        "delta": record.delta if dp else None,
-        "accountant": privacy.HEADLINE_ACCOUNTANT if dp else None,
-        "privacy_unit": "record (within one client's data)" if dp else None,
+        "epsilon": epsilon,
+        "epsilon_rdp": max((r["epsilon_rdp"] for r in rounds if r["epsilon_rdp"] is not None), default=None) if dp else None,
+        "client_epsilon": client_epsilon,
+        "client_epsilon_rdp": max((r["client_epsilon_rdp"] for r in rounds if r["client_epsilon_rdp"] is not None), default=None) if client_dp else None,
+        "delta": record.delta if (dp or client_dp) else None,
+        "accountant": privacy.HEADLINE_ACCOUNTANT if (dp or client_dp) else None,
+        "privacy_unit": ", ".join(u for u, on in ((SAMPLE_UNIT, dp), (CLIENT_UNIT, client_dp)) if on) or None,
+        "noise_multiplier": record.config.get("noise-multiplier") if dp else None,
+        "client_noise_multiplier": record.config.get("client-noise-multiplier") if client_dp else None,
+        "max_epsilon": cap,
+        "budget_left": _budget_left(cap, epsilon, client_epsilon),
+        "notes": record.info.get("notes", []),
         "clients_trained": len(ledger),
         "wall_time": record.wall_time,
         "run_dir": str(store.run_dir(run_id)),
     }
 
 
+SAMPLE_UNIT = "record (one training example within one client's data)"
+CLIENT_UNIT = "client (all of one client's data)"
+
+
+def _budget_left(cap: float | None, *spent: float | None) -> float | None:
+    used = [e for e in spent if e is not None]
+    return None if cap is None or not used else max(0.0, cap - max(used))
+
+
 PRIVACY_ASSUMPTIONS = (
-    "Poisson sampling: each record joins each local step independently with probability q",
+    "Poisson sampling: each record joins each local step independently with probability q; "
+    "under client-level DP each client joins each round independently with probability q",
     "add/remove-one neighbouring datasets: epsilon bounds what one record changes",
     "each client's epsilon covers its own records only; clients compose in parallel, so the run's epsilon is the largest client's",
     "epsilon composes over every round in which that client trained (listed per client)",
@@ -178,6 +243,8 @@ def describe_run(store: RunStore, run_id: str) -> dict:
                 "loss": r["loss"],
                 "federated_accuracy": r["federated_accuracy"],
                 "epsilon": r["epsilon"],
+                "epsilon_rdp": r["epsilon_rdp"],
+                "client_epsilon": r["client_epsilon"],
                 "participants": r["participants"],
                 "seconds": r["seconds"],
                 "model_sha256": r["model_sha256"],
@@ -185,6 +252,8 @@ def describe_run(store: RunStore, run_id: str) -> dict:
                     {
                         "client": c["client"],
                         "epsilon": c["epsilon"],
+                        "epsilon_rdp": c["epsilon_rdp"],
+                        "refused": bool(c["refused"]),
                         "num_examples": c["num_examples"],
                         "train_loss": c["train_loss"],
                         "noise_multiplier": c["noise_multiplier"],
@@ -199,21 +268,55 @@ def describe_run(store: RunStore, run_id: str) -> dict:
             for r in rounds
         ],
     }
+    summary = summarize(store, run_id)
+    units = []
     if record.config.get("dp"):
         trained: dict[int, list[int]] = {}
+        refused: dict[int, list[int]] = {}
         for r in rounds:
             for c in r["clients"]:
-                if c["steps"] is not None:
+                if c["steps"]:
                     trained.setdefault(c["client"], []).append(r["round"])
+                elif c["refused"]:
+                    refused.setdefault(c["client"], []).append(r["round"])
+        units.append(
+            {
+                "unit": SAMPLE_UNIT,
+                "mechanism": "DP-SGD on each client: Poisson-subsampled Gaussian mechanism over its records",
+                "epsilon": summary["epsilon"],
+                "epsilon_rdp": summary["epsilon_rdp"],
+                "noise_multiplier": summary["noise_multiplier"],
+                "rounds_trained": {str(k): v for k, v in sorted(trained.items())},
+                "rounds_refused": {str(k): v for k, v in sorted(refused.items())},
+                "interrupted_spend": {str(k): v for k, v in store.interrupted_spend(run_id).items()},
+            }
+        )
+    if record.config.get("client-dp"):
+        units.append(
+            {
+                "unit": CLIENT_UNIT,
+                "mechanism": "DP-FedAvg at the server: each update clipped to C, N(0, z^2 C^2) added to the sum, divided by q*N",
+                "epsilon": summary["client_epsilon"],
+                "epsilon_rdp": summary["client_epsilon_rdp"],
+                "noise_multiplier": summary["client_noise_multiplier"],
+                "sample_rate": record.config.get("client-sample-rate") or record.config.get("fraction"),
+                "rounds": len(rounds),
+            }
+        )
+    if units:
         report["privacy"] = {
-            "unit": "record (one training example within one client's data)",
             "accountant": privacy.HEADLINE_ACCOUNTANT,
             "accountants": list(privacy.ACCOUNTANTS),
             "delta": record.delta,
-            "epsilon": max((r["epsilon"] for r in rounds if r["epsilon"] is not None), default=0.0),
+            "epsilon": summary["epsilon"],
+            "client_epsilon": summary["client_epsilon"],
+            "max_epsilon": summary["max_epsilon"],
+            "budget_left": summary["budget_left"],
+            "units": units,
             "assumptions": list(PRIVACY_ASSUMPTIONS),
-            "rounds_trained": {str(k): v for k, v in sorted(trained.items())},
         }
+        if record.config.get("dp"):
+            report["privacy"]["rounds_trained"] = units[0]["rounds_trained"]
     return report
 
 

@@ -47,26 +47,42 @@ class GridView:
 
 
 class ParticipatingClients(Strategy):
-    """Wrap a strategy so each round trains a fixed-size, seeded sample of clients.
+    """Wrap a strategy so the wrapper, not Flower, picks each round's participants.
+
+    ``fixed``: a seeded sample of round(fraction * N) clients without replacement.
+    ``poisson``: every client joins independently with probability ``fraction``;
+    client-level DP accounting holds only for this.
 
     ``node_of`` maps partition id -> node id. Sampling is over sorted partition ids,
     so a seed gives the same participants in every run and on every engine.
     """
 
-    def __init__(self, inner: Strategy, node_of: dict[int, int], fraction: float, seed: int):
+    def __init__(self, inner: Strategy, node_of: dict[int, int], fraction: float, seed: int, mode: str = "fixed"):
+        if mode not in ("fixed", "poisson"):
+            raise ValueError(mode)
         self.inner = inner
         self.node_of = dict(sorted(node_of.items()))
         self.fraction = fraction
         self.seed = seed
+        self.mode = mode
 
     def participants(self, server_round: int) -> list[int]:
         ids = list(self.node_of)
-        count = max(1, int(round(len(ids) * self.fraction)))
         rng = np.random.default_rng([self.seed, server_round])
+        if self.mode == "poisson":
+            return [pid for pid, u in zip(ids, rng.random(len(ids))) if u < self.fraction]
+        count = max(1, int(round(len(ids) * self.fraction)))
         return sorted(rng.choice(ids, size=count, replace=False).tolist())
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         nodes = [self.node_of[p] for p in self.participants(server_round)]
+        if not nodes:
+            # Poisson sampling can pick nobody. Flower's strategies would wait for a
+            # node forever, so skip them; FedOpt-style strategies still need to know
+            # the current global model for their next aggregate.
+            if hasattr(self.inner, "current_arrays"):
+                self.inner.current_arrays = {k: a.numpy() for k, a in arrays.items()}
+            return []
         return self.inner.configure_train(server_round, arrays, config, GridView(grid, nodes))
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:

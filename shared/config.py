@@ -53,6 +53,15 @@ class RunConfig:
     noise_multiplier: float = 1.2
     max_grad_norm: float = 2.0
     delta: float | None = None
+    target_epsilon: float | None = None
+    # client-level differential privacy (DP-FedAvg)
+    client_dp: bool = False
+    client_noise_multiplier: float = 1.0
+    client_clip: float = 1.0
+    client_sample_rate: float | None = None
+    client_target_epsilon: float | None = None
+    # enforcement: no unit's epsilon may pass this
+    max_epsilon: float | None = None
 
     # ------------------------------------------------------------------ conversions
     @classmethod
@@ -118,7 +127,34 @@ class RunConfig:
                 raise BadInput(f"--max-grad-norm must be > 0, got {self.max_grad_norm}")
         if self.delta is not None and not (0.0 < self.delta < 1.0):
             raise BadInput(f"--delta must be in (0, 1), got {self.delta}")
+        for flag, value in (("--target-epsilon", self.target_epsilon), ("--client-target-epsilon", self.client_target_epsilon), ("--max-epsilon", self.max_epsilon)):
+            if value is not None and not value > 0:
+                raise BadInput(f"{flag} must be > 0, got {value}")
+        if self.target_epsilon is not None and not self.dp:
+            raise BadInput("--target-epsilon calibrates sample-level DP: it needs --dp")
+        if self.client_target_epsilon is not None and not self.client_dp:
+            raise BadInput("--client-target-epsilon needs --client-dp")
+        if self.client_dp:
+            if not self.client_noise_multiplier > 0:
+                raise BadInput(f"--client-noise-multiplier must be > 0, got {self.client_noise_multiplier}")
+            if not self.client_clip > 0:
+                raise BadInput(f"--client-clip must be > 0, got {self.client_clip}")
+            q = self.participation_rate
+            if not (0.0 < q <= 1.0):
+                raise BadInput(f"--client-sample-rate must be in (0, 1], got {q}")
+            if q * self.clients < 2:
+                raise BadInput(
+                    f"client-level DP needs at least 2 clients per round in expectation; "
+                    f"--client-sample-rate {q:g} x --clients {self.clients} = {q * self.clients:g}"
+                )
+        elif self.client_sample_rate is not None:
+            raise BadInput("--client-sample-rate (Poisson client sampling) needs --client-dp; use --fraction otherwise")
         return self
+
+    @property
+    def participation_rate(self) -> float:
+        """Client-level DP's Poisson participation probability q (defaults to --fraction)."""
+        return self.client_sample_rate if self.client_sample_rate is not None else self.fraction
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:

@@ -44,6 +44,9 @@ CREATE TABLE IF NOT EXISTS rounds (
     accuracy REAL,
     loss REAL,
     epsilon REAL,
+    epsilon_rdp REAL,
+    client_epsilon REAL,
+    client_epsilon_rdp REAL,
     federated_accuracy REAL,
     federated_loss REAL,
     train_loss REAL,
@@ -60,12 +63,25 @@ CREATE TABLE IF NOT EXISTS client_rounds (
     num_examples INTEGER,
     train_loss REAL,
     epsilon REAL,
+    epsilon_rdp REAL,
+    refused INTEGER NOT NULL DEFAULT 0,
     noise_multiplier REAL,
     sample_rate REAL,
     steps INTEGER,
     val_accuracy REAL,
     val_loss REAL,
     PRIMARY KEY (run_id, round, client)
+);
+-- Spend committed for a round whose model was never checkpointed (the run was
+-- interrupted). Kept so a resumed run can only over-report epsilon, never under-report.
+CREATE TABLE IF NOT EXISTS interrupted_spend (
+    run_id TEXT NOT NULL REFERENCES runs(run_id),
+    round INTEGER NOT NULL,
+    client INTEGER NOT NULL,
+    noise_multiplier REAL,
+    sample_rate REAL,
+    steps INTEGER,
+    resumed_at REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS clients (
     run_id TEXT NOT NULL REFERENCES runs(run_id),
@@ -218,16 +234,19 @@ class RunStore:
         ]
 
     # ------------------------------------------------------------------ rounds and ledger
-    def commit_spend(self, run_id: str, round_: int, clients: list[dict], epsilon: float | None) -> None:
+    def commit_spend(self, run_id: str, round_: int, clients: list[dict], epsilons: dict[str, float | None]) -> None:
         """Persist a round's privacy spend in one transaction.
 
         Called before the round's model is checkpointed or sent anywhere, so a crash
-        can over-report epsilon but never under-report it.
+        can over-report epsilon but never under-report it. ``epsilons`` holds the
+        run-level ``epsilon``/``epsilon_rdp`` (sample level, the largest client's) and
+        ``client_epsilon``/``client_epsilon_rdp`` (client level).
         """
+        keys = ("epsilon", "epsilon_rdp", "client_epsilon", "client_epsilon_rdp")
         with self.connect() as conn:
             conn.executemany(
-                "INSERT OR REPLACE INTO client_rounds (run_id, round, client, num_examples, train_loss, epsilon, "
-                "noise_multiplier, sample_rate, steps) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO client_rounds (run_id, round, client, num_examples, train_loss, epsilon, epsilon_rdp, "
+                "refused, noise_multiplier, sample_rate, steps) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
                     (
                         run_id,
@@ -236,6 +255,8 @@ class RunStore:
                         c.get("num_examples"),
                         _nan_to_none(c.get("train_loss")),
                         c.get("epsilon"),
+                        c.get("epsilon_rdp"),
+                        int(c.get("refused", 0)),
                         c.get("noise_multiplier"),
                         c.get("sample_rate"),
                         c.get("steps"),
@@ -244,10 +265,48 @@ class RunStore:
                 ],
             )
             conn.execute(
-                "INSERT INTO rounds (run_id, round, epsilon, participants) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT(run_id, round) DO UPDATE SET epsilon = excluded.epsilon, participants = excluded.participants",
-                (run_id, round_, epsilon, len(clients)),
+                f"INSERT INTO rounds (run_id, round, participants, {', '.join(keys)}) VALUES (?, ?, ?, ?, ?, ?, ?) "
+                f"ON CONFLICT(run_id, round) DO UPDATE SET participants = excluded.participants, "
+                + ", ".join(f"{k} = excluded.{k}" for k in keys),
+                (run_id, round_, sum(1 for c in clients if not c.get("refused")), *(epsilons.get(k) for k in keys)),
             )
+
+    def last_checkpointed_round(self, run_id: str) -> int:
+        with self.connect() as conn:
+            row = conn.execute(
+                "SELECT MAX(round) AS r FROM rounds WHERE run_id = ? AND model_sha256 IS NOT NULL", (run_id,)
+            ).fetchone()
+        return int(row["r"] or 0)
+
+    def set_aside_interrupted(self, run_id: str, after_round: int) -> list[dict]:
+        """Move the spend of rounds after ``after_round`` out of the ledger, keeping it
+        in ``interrupted_spend``; returns what was moved."""
+        with self.connect() as conn:
+            rows = [
+                dict(r)
+                for r in conn.execute(
+                    "SELECT round, client, noise_multiplier, sample_rate, steps FROM client_rounds "
+                    "WHERE run_id = ? AND round > ? AND steps IS NOT NULL AND steps > 0",
+                    (run_id, after_round),
+                )
+            ]
+            conn.executemany(
+                "INSERT INTO interrupted_spend (run_id, round, client, noise_multiplier, sample_rate, steps, resumed_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(run_id, r["round"], r["client"], r["noise_multiplier"], r["sample_rate"], r["steps"], time.time()) for r in rows],
+            )
+            conn.execute("DELETE FROM client_rounds WHERE run_id = ? AND round > ?", (run_id, after_round))
+            conn.execute("DELETE FROM rounds WHERE run_id = ? AND round > ?", (run_id, after_round))
+        return rows
+
+    def interrupted_spend(self, run_id: str) -> dict[int, list[tuple[float, float, int]]]:
+        with self.connect() as conn:
+            rows = conn.execute(
+                "SELECT client, noise_multiplier, sample_rate, steps FROM interrupted_spend WHERE run_id = ? ORDER BY round, client", (run_id,)
+            ).fetchall()
+        out: dict[int, list[tuple[float, float, int]]] = {}
+        for r in rows:
+            out.setdefault(r["client"], []).append((r["noise_multiplier"], r["sample_rate"], r["steps"]))
+        return out
 
     def record_round(self, run_id: str, round_: int, metrics: dict, client_eval: list[dict]) -> None:
         columns = ("accuracy", "loss", "federated_accuracy", "federated_loss", "train_loss", "seconds", "model_sha256")
@@ -280,7 +339,7 @@ class RunStore:
 
     def ledger(self, run_id: str, up_to_round: int | None = None) -> dict[int, list[tuple[float, float, int]]]:
         """Each client's (noise multiplier, sample rate, steps) history, in round order."""
-        query = "SELECT client, noise_multiplier, sample_rate, steps FROM client_rounds WHERE run_id = ? AND steps IS NOT NULL AND noise_multiplier IS NOT NULL"
+        query = "SELECT client, noise_multiplier, sample_rate, steps FROM client_rounds WHERE run_id = ? AND steps IS NOT NULL AND steps > 0 AND noise_multiplier IS NOT NULL"
         params: list[Any] = [run_id]
         if up_to_round is not None:
             query += " AND round <= ?"

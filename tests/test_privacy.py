@@ -1,0 +1,153 @@
+"""Privacy accounting against the oracle values in the reference (../shared/reference/privacy.md)."""
+
+import json
+
+import numpy as np
+import pytest
+from scipy import stats
+from typer.testing import CliRunner
+
+from cli import app
+from server.strategies import ParticipatingClients
+from shared import planner, privacy
+from shared.errors import BadInput
+
+# q, sigma, T, opacus RDP, opacus PRV at delta 1e-5
+ORACLES = [
+    (256 / 60000, 1.1, 14062, 2.5966, 2.3917),
+    (0.01, 1.0, 1000, 2.1014, 1.8384),
+    (0.04, 1.5, 2250, 7.32911, 6.77913),
+]
+
+
+@pytest.mark.parametrize("q,sigma,steps,rdp,prv", ORACLES)
+def test_accountants_meet_the_oracles(q, sigma, steps, rdp, prv):
+    eps = privacy.epsilons([(sigma, q, steps)], 1e-5)
+    assert eps["epsilon_rdp"] == pytest.approx(rdp, rel=0.01)
+    assert eps["epsilon_prv"] == pytest.approx(prv, abs=0.01)
+
+
+@pytest.mark.parametrize("q,sigma,steps,rdp,prv", ORACLES[1:])
+def test_run_path_ledger_composes_to_the_oracles(q, sigma, steps, rdp, prv):
+    # A run's ledger holds one entry per round; composing them is the same mechanism.
+    rounds = [steps // 4, steps // 4, steps // 4, steps - 3 * (steps // 4)]
+    ledger = [(sigma, q, n) for n in rounds]
+    assert privacy.epsilon(ledger, 1e-5, "rdp") == pytest.approx(rdp, rel=0.01)
+    assert privacy.epsilon(ledger, 1e-5, "prv") == pytest.approx(prv, abs=0.01)
+
+
+@pytest.mark.parametrize("q,sigma,steps,rdp,prv", ORACLES)
+def test_budget_command_meets_the_oracles(q, sigma, steps, rdp, prv):
+    result = CliRunner().invoke(
+        app, ["budget", "--sample-rate", str(q), "--noise-multiplier", str(sigma), "--steps", str(steps), "--delta", "1e-5", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["epsilon_rdp"] == pytest.approx(rdp, rel=0.01)
+    assert report["epsilon_prv"] == pytest.approx(prv, abs=0.01)
+
+
+@pytest.mark.parametrize("target", [1.0, 3.0, 8.0])
+def test_planner_round_trip(target):
+    result = CliRunner().invoke(
+        app, ["budget", "--target-epsilon", str(target), "--sample-rate", "0.01", "--steps", "1000", "--delta", "1e-5", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    sigma = report["noise_multiplier"]
+    eps = privacy.epsilon([(sigma, 0.01, 1000)], 1e-5, "prv")
+    assert target - 0.05 <= eps <= target
+    assert report["epsilon_prv"] == pytest.approx(eps)
+
+
+def test_ledger_epsilon_rises_strictly():
+    ledger, previous = [], 0.0
+    for _ in range(5):
+        ledger.append((1.2, 1 / 9, 9))
+        eps = privacy.epsilon(ledger, 1e-5)
+        assert eps > previous
+        previous = eps
+
+
+def test_default_delta_is_below_one_over_n():
+    assert privacy.default_delta(130) == 1e-5
+    assert privacy.default_delta(50_000) < 1 / 50_000
+    assert privacy.default_delta(None, 20) == 1e-5
+    assert privacy.default_delta(200_000) == pytest.approx(5e-7)
+
+
+def test_sample_level_planner_takes_the_worst_client():
+    mechanisms = planner.sample_level_mechanisms([130, 129, 50], batch_size=16, local_epochs=1, rounds=20)
+    assert {(round(1 / m.sample_rate), m.steps) for m in mechanisms} == {(9, 180), (4, 80)}
+    sigma = planner.noise_for(mechanisms, 5.0, 1e-5)
+    assert max(privacy.epsilon([(sigma, m.sample_rate, m.steps)], 1e-5) for m in mechanisms) <= 5.0
+
+
+def test_poisson_participation_fits_binomial():
+    clients, rounds, q = 40, 400, 0.3
+    sampler = ParticipatingClients(inner=None, node_of={i: 1000 + i for i in range(clients)}, fraction=q, seed=3, mode="poisson")
+    counts = np.zeros(clients)
+    sizes = []
+    for r in range(1, rounds + 1):
+        chosen = sampler.participants(r)
+        sizes.append(len(chosen))
+        counts[chosen] += 1
+    # Each client's count ~ Binomial(T, q): the mean, and a binomial dispersion test
+    # (sum of squared standardised deviations ~ chi-square with N degrees of freedom).
+    assert counts.mean() == pytest.approx(rounds * q, rel=0.05)
+    dispersion = ((counts - rounds * q) ** 2).sum() / (rounds * q * (1 - q))
+    assert stats.chi2.sf(dispersion, clients) > 0.001
+    # Round sizes vary (Poisson), unlike Flower's fixed-size sampling.
+    assert len(set(sizes)) > 5
+    sizes = np.array(sizes)
+    assert sizes.mean() == pytest.approx(clients * q, rel=0.05)
+    size_dispersion = ((sizes - clients * q) ** 2).sum() / (clients * q * (1 - q))
+    assert stats.chi2.sf(size_dispersion, rounds) > 0.001
+
+
+BUDGET_BAD = {
+    "delta zero": (["--sample-rate", "0.01", "--noise-multiplier", "1", "--steps", "10", "--delta", "0"], "delta must be in (0, 1)"),
+    "delta one": (["--sample-rate", "0.01", "--noise-multiplier", "1", "--steps", "10", "--delta", "1"], "delta must be in (0, 1)"),
+    "target zero": (["--sample-rate", "0.01", "--target-epsilon", "0", "--steps", "10", "--delta", "1e-5"], "--target-epsilon must be > 0"),
+    "unreachable": (["--sample-rate", "1.0", "--target-epsilon", "1e-4", "--steps", "100000", "--delta", "1e-5"], "cannot be reached"),
+    "rate zero": (["--sample-rate", "0", "--noise-multiplier", "1", "--steps", "10", "--delta", "1e-5"], "sample rate must be in (0, 1]"),
+    "rate above one": (["--sample-rate", "1.5", "--noise-multiplier", "1", "--steps", "10", "--delta", "1e-5"], "sample rate must be in (0, 1]"),
+    "client-level < 2 per round": (
+        ["--rounds", "5", "--clients", "10", "--clients-per-round", "1", "--batch-size", "8", "--dataset-size", "1000", "--client-noise-multiplier", "1"],
+        "at least 2 clients per round",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BUDGET_BAD))
+def test_budget_bad_input(case):
+    args, expected = BUDGET_BAD[case]
+    result = CliRunner().invoke(app, ["budget", *args])
+    assert result.exit_code == 2, result.output
+    assert expected in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+RUN_BAD = {
+    "delta zero": (["--delta", "0"], "--delta must be in (0, 1)"),
+    "delta one": (["--delta", "1"], "--delta must be in (0, 1)"),
+    "target zero": (["--target-epsilon", "0"], "--target-epsilon must be > 0"),
+    "target unreachable": (["--target-epsilon", "1e-5"], "cannot be reached"),
+    "client sample rate zero": (["--client-dp", "--client-sample-rate", "0"], "--client-sample-rate must be in (0, 1]"),
+    "client sample rate above one": (["--client-dp", "--client-sample-rate", "2"], "--client-sample-rate must be in (0, 1]"),
+    "client-level < 2 per round": (["--client-dp", "--clients", "10", "--client-sample-rate", "0.1"], "at least 2 clients per round"),
+    "client delta too large": (["--client-dp", "--clients", "4", "--delta", "0.3"], "must be below"),
+}
+
+
+@pytest.mark.parametrize("case", list(RUN_BAD))
+def test_run_privacy_bad_input(case, tmp_path):
+    args, expected = RUN_BAD[case]
+    result = CliRunner().invoke(app, ["run", *args, "--runs-dir", str(tmp_path / "runs")])
+    assert result.exit_code == 2, result.output
+    assert expected in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "runs" / "runs.db").exists()
+
+
+def test_noise_for_target_rejects_bad_input():
+    with pytest.raises(BadInput):
+        privacy.noise_for_target(-1, 0.01, 100, 1e-5)
