@@ -1,0 +1,157 @@
+"""Privacy budgets on real Flower simulations: client-level DP, enforcement, and a
+SIGKILL mid-round followed by --resume."""
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from opacus.accountants import PRVAccountant, RDPAccountant
+from scipy import stats
+
+from tests.conftest import ROOT, run_json
+
+pytestmark = pytest.mark.simulation
+
+
+def _prv(history, delta):
+    accountant = PRVAccountant()
+    accountant.history = list(history)
+    return accountant.get_epsilon(delta=delta)
+
+
+@pytest.fixture(scope="session")
+def budget_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("budget-runs")
+
+
+@pytest.fixture(scope="session")
+def client_level_run(budget_dir):
+    return run_json(
+        "run", "--clients", "10", "--rounds", "6", "--seed", "2", "--no-dp", "--client-dp",
+        "--client-noise-multiplier", "0.7", "--client-clip", "0.5", "--client-sample-rate", "0.4", runs_dir=budget_dir,
+    )
+
+
+@pytest.fixture(scope="session")
+def capped_run(budget_dir):
+    return run_json("run", "--clients", "4", "--rounds", "12", "--seed", "4", "--max-epsilon", "2.0", runs_dir=budget_dir)
+
+
+def test_client_level_epsilon_matches_the_accountant(client_level_run, budget_dir):
+    run = client_level_run
+    assert run["status"] == "completed" and run["epsilon"] is None
+    shown = run_json("show", run["run_id"], runs_dir=budget_dir)
+    delta = shown["delta"]
+    assert delta < 1 / 10
+    for rnd in shown["rounds"]:
+        T = rnd["round"]
+        assert rnd["client_epsilon"] == pytest.approx(_prv([(0.7, 0.4, T)], delta), rel=1e-6)
+    rdp = RDPAccountant()
+    rdp.history = [(0.7, 0.4, 6)]
+    assert run["client_epsilon"] == pytest.approx(_prv([(0.7, 0.4, 6)], delta), rel=1e-6)
+    assert run["client_epsilon_rdp"] == pytest.approx(rdp.get_epsilon(delta=delta), rel=1e-6)
+    units = {u["unit"].split(" ")[0]: u for u in shown["privacy"]["units"]}
+    assert set(units) == {"client"}
+
+
+def test_client_participation_is_poisson(client_level_run, budget_dir):
+    conn = sqlite3.connect(budget_dir / "runs.db")
+    rows = conn.execute("SELECT round, client FROM client_rounds WHERE run_id = ? AND num_examples > 0", (client_level_run["run_id"],)).fetchall()
+    sizes = [sum(1 for r, _ in rows if r == rnd) for rnd in range(1, 7)]
+    counts = np.bincount([c for _, c in rows], minlength=10)
+    # 60 independent Bernoulli(0.4) draws: the total fits Binomial(60, 0.4) ...
+    assert stats.binomtest(int(counts.sum()), 60, 0.4).pvalue > 0.001
+    # ... each client's count fits Binomial(6, 0.4), and round sizes vary.
+    dispersion = ((counts - 6 * 0.4) ** 2).sum() / (6 * 0.4 * 0.6)
+    assert stats.chi2.sf(dispersion, 10) > 0.001
+    assert len(set(sizes)) > 1
+
+
+def test_enforcement_stops_with_budget_exhausted(capped_run, budget_dir):
+    run = capped_run
+    assert run["status"] == "budget-exhausted"
+    assert 0 < run["epsilon"] <= 2.0 and run["budget_left"] == pytest.approx(2.0 - run["epsilon"])
+    shown = run_json("show", run["run_id"], runs_dir=budget_dir)
+    for rnd in shown["rounds"]:
+        for client in rnd["clients"]:
+            assert client["epsilon"] <= 2.0
+    refused = shown["privacy"]["units"][0]["rounds_refused"]
+    assert set(refused) == {"0", "1", "2", "3"}  # every client refused before the run ended
+    assert len(shown["rounds"]) < 12
+
+
+# ----------------------------------------------------------------------------- crash
+
+
+CRASH = ("run", "--clients", "3", "--rounds", "6", "--local-epochs", "3", "--seed", "5", "--model", "logreg")
+
+
+def _ledger(db: Path, run_id: str):
+    conn = sqlite3.connect(db)
+    return conn.execute(
+        "SELECT round, client, noise_multiplier, sample_rate, steps FROM client_rounds WHERE run_id = ? AND steps > 0 ORDER BY round, client",
+        (run_id,),
+    ).fetchall()
+
+
+def _max_epsilon(db: Path, run_id: str, delta: float) -> float:
+    conn = sqlite3.connect(db)
+    rows = conn.execute("SELECT client, noise_multiplier, sample_rate, steps FROM client_rounds WHERE run_id = ? AND steps > 0", (run_id,)).fetchall()
+    rows += conn.execute("SELECT client, noise_multiplier, sample_rate, steps FROM interrupted_spend WHERE run_id = ?", (run_id,)).fetchall()
+    per_client: dict = {}
+    for client, sigma, q, steps in rows:
+        per_client.setdefault(client, []).append((sigma, q, steps))
+    return max((_prv(h, delta) for h in per_client.values()), default=0.0)
+
+
+def test_sigkill_mid_round_then_resume(tmp_path):
+    runs = tmp_path / "runs"
+    db = runs / "runs.db"
+    env = {**os.environ, "FEDAUDIT_RUNS_DIR": str(runs)}
+    log = open(tmp_path / "run.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "cli", *CRASH], cwd=ROOT, env=env, start_new_session=True,
+                            stdout=log, stderr=log)
+    killed_mid_round = False
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            time.sleep(0.02)
+            if not db.exists():
+                continue
+            try:
+                conn = sqlite3.connect(db)
+                spent = conn.execute("SELECT COUNT(*) FROM client_rounds WHERE round = 3 AND steps > 0").fetchone()[0]
+                saved = conn.execute("SELECT COUNT(*) FROM rounds WHERE round = 3 AND model_sha256 IS NOT NULL").fetchone()[0]
+                conn.close()
+            except sqlite3.OperationalError:
+                continue
+            if spent:
+                killed_mid_round = not saved
+                break
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert spent, "the run never reached round 3: " + (tmp_path / "run.log").read_text()[-2000:]
+    run_id = sqlite3.connect(db).execute("SELECT run_id FROM runs").fetchone()[0]
+    delta = sqlite3.connect(db).execute("SELECT delta FROM runs").fetchone()[0]
+    before = _max_epsilon(db, run_id, delta)
+    assert sqlite3.connect(db).execute("SELECT status FROM runs").fetchone()[0] == "running"  # never looks complete
+
+    resumed = run_json("run", "--resume", run_id, runs_dir=runs)
+    assert resumed["status"] == "completed" and resumed["rounds"] == 6
+    assert resumed["epsilon"] >= before  # the ledger never goes down
+
+    fresh = run_json(*CRASH, runs_dir=runs)
+    assert fresh["accuracy"] == resumed["accuracy"]
+    assert _ledger(db, run_id) == [tuple(r) for r in _ledger(db, fresh["run_id"])]
+    # Over-reporting is allowed, only by the round that was in flight.
+    one_round = _prv([(r[2], r[3], r[4]) for r in _ledger(db, fresh["run_id"]) if r[1] == 0][:1], delta)
+    assert fresh["epsilon"] <= resumed["epsilon"] <= fresh["epsilon"] + one_round + 1e-9
+    if killed_mid_round:
+        assert resumed["epsilon"] > fresh["epsilon"]
