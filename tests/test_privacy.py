@@ -151,3 +151,25 @@ def test_run_privacy_bad_input(case, tmp_path):
 def test_noise_for_target_rejects_bad_input():
     with pytest.raises(BadInput):
         privacy.noise_for_target(-1, 0.01, 100, 1e-5)
+
+
+def test_run_target_epsilon_calibrates_sigma_before_training():
+    from server.runner import preflight
+    from shared.config import resolve
+
+    checked = preflight(resolve(None, dataset="digits", clients=10, rounds=5, target_epsilon=3.0))
+    sigma = checked.config.noise_multiplier
+    assert any("noise multiplier" in n and f"{sigma:.4f}" in n for n in checked.notes)
+    mechanisms = planner.sample_level_mechanisms(checked.client_sizes, 16, 1, 5)
+    worst = max(privacy.epsilon([(sigma, m.sample_rate, m.steps)], checked.delta) for m in mechanisms)
+    assert 3.0 - 0.05 <= worst <= 3.0
+
+
+def test_run_client_target_epsilon_calibrates_z():
+    from server.runner import preflight
+    from shared.config import resolve
+
+    checked = preflight(resolve(None, clients=10, rounds=8, client_dp=True, client_sample_rate=0.5, client_target_epsilon=4.0))
+    z = checked.config.client_noise_multiplier
+    eps = privacy.epsilon([(z, 0.5, 8)], checked.delta)
+    assert 4.0 - 0.05 <= eps <= 4.0
