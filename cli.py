@@ -115,6 +115,10 @@ def run(
     client_sample_rate: Optional[float] = typer.Option(None, help="Client-level DP: each client joins a round with this probability (Poisson)."),
     client_target_epsilon: Optional[float] = typer.Option(None, help="Calibrate z so the client-level epsilon ends <= this."),
     max_epsilon: Optional[float] = typer.Option(None, help="Budget cap: clients refuse rounds that would pass it; client-level checked at the server."),
+    encrypt: Optional[bool] = typer.Option(None, "--encrypt/--no-encrypt", help="Seal every model payload with AES-256-GCM (default: on)."),
+    min_replies: Optional[int] = typer.Option(None, help="Fewest valid client replies a round needs; fewer stops the run as failed."),
+    keys: Optional[Path] = typer.Option(None, "--keys", help="Key directory from `fedaudit keys init` (default: fresh keys in the run folder)."),
+    keys_passphrase_env: Optional[str] = typer.Option(None, help="Environment variable holding the private keys' passphrase."),
     resume: Optional[str] = typer.Option(None, "--resume", metavar="RUN_ID", help="Continue an interrupted run from its last checkpoint."),
     config: Optional[Path] = typer.Option(None, "--config", help="run.toml; flags override it."),
     runs_dir: Optional[Path] = typer.Option(None, help=RUNS_DIR_HELP),
@@ -122,7 +126,7 @@ def run(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Flower and Ray logs."),
 ) -> None:
     """Train a federated model on the Simulation Engine and store the run."""
-    settings = {k: v for k, v in locals().items() if k not in {"config", "runs_dir", "as_json", "verbose", "resume"}}
+    settings = {k: v for k, v in locals().items() if k not in {"config", "runs_dir", "as_json", "verbose", "resume", "keys", "keys_passphrase_env"}}
     from server.runner import prepare_resume, prepare_run
     from shared.config import resolve
 
@@ -134,7 +138,7 @@ def run(
     else:
         if settings["data"] is not None:
             settings["data"] = str(settings["data"])
-        job = prepare_run(resolve(config, **settings), runs_dir)
+        job = prepare_run(resolve(config, **settings), runs_dir, keys_dir=keys, keys_passphrase_env=keys_passphrase_env)
     summary = _run_with_progress(job, as_json=as_json, verbose=verbose)
     if as_json:
         _print_json(summary)
@@ -344,6 +348,60 @@ def budget(
         else:
             table.add_row(key, f"{value:.6g}" if isinstance(value, float) else str(value))
     out.print(table)
+
+
+# --------------------------------------------------------------------------- keys / verify
+keys_app = typer.Typer(help="Key management for encrypted model exchange and signed audit logs.", no_args_is_help=True, rich_markup_mode=None)
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("init")
+@user_errors
+def keys_init(
+    directory: Path = typer.Argument(..., help="Folder to create the keys in."),
+    clients: int = typer.Option(..., help="Number of clients (ids 0..N-1)."),
+    passphrase_env: Optional[str] = typer.Option(None, help="Encrypt private keys with the passphrase in this environment variable."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON to stdout."),
+) -> None:
+    """Create X25519 key pairs for the server and each client, and the server's Ed25519 signing key."""
+    import os
+
+    from shared.crypto import init_keys
+
+    if clients < 1:
+        raise FedauditError(f"--clients must be >= 1, got {clients}")
+    if passphrase_env and not os.environ.get(passphrase_env):
+        raise FedauditError(f"--passphrase-env {passphrase_env}: that environment variable is not set or empty")
+    path = init_keys(directory, clients, passphrase_env)
+    report = {"keys_dir": str(path), "clients": clients, "encrypted_private_keys": bool(passphrase_env), "registry": str(path / "registry.json")}
+    if as_json:
+        _print_json(report)
+    else:
+        out.print(f"created keys for the server and {clients} clients in {path} (public keys: {path / 'registry.json'})")
+
+
+@app.command()
+@user_errors
+def verify(
+    run_id: str = typer.Argument(..., help="Run whose audit log to verify."),
+    keys: Optional[Path] = typer.Option(None, "--keys", help="Key directory holding the registry (default: the one the run used)."),
+    runs_dir: Optional[Path] = typer.Option(None, help=RUNS_DIR_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON to stdout."),
+) -> None:
+    """Check a run's audit log: hash chain, every entry, and the signed head."""
+    from audit.verify import verify_run
+    from shared.store import RunStore
+
+    result = verify_run(RunStore(runs_dir), run_id, keys)
+    if as_json:
+        _print_json({"ok": result.ok, "entries": result.entries, "first_bad": result.first_bad, "reason": result.reason})
+    elif result.ok:
+        out.print(f"verified {result.entries} entries")
+    else:
+        where = f"entry {result.first_bad}" if result.first_bad else "signed head"
+        out.print(f"audit log FAILED at {where}: {result.reason}")
+    if not result.ok:
+        raise typer.Exit(EXIT_GATE_FAILED)
 
 
 # --------------------------------------------------------------------------- demo

@@ -16,6 +16,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp  # noqa: E402
 import torch  # noqa: E402
 
+from clients.encryption import encryption_mod  # noqa: E402
 from clients.training import GRAD_SAMPLE_MODE, DPSettings, train_local  # noqa: E402
 from shared import privacy  # noqa: E402
 from shared.evaluation import evaluate  # noqa: E402
@@ -26,7 +27,8 @@ from shared.weights import load_numpy, state_to_numpy  # noqa: E402
 
 LEDGER_KEY = "privacy-ledger"
 
-app = ClientApp()
+# Mods are captured when each handler is registered: keep this before the decorators.
+app = ClientApp(mods=[encryption_mod])
 
 
 def partition_id(context: Context) -> int:

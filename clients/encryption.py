@@ -52,14 +52,7 @@ from shared.crypto import (
     unpack_arrays,
 )
 from shared.errors import BadInput
-from shared.protocol import ARRAYS_KEY, CONFIG_KEY
-
-# Message content / config keys. The server side (server/encryption.py) uses the same
-# strings; it does not import this module so the server never imports the clients package.
-SEALED_KEY = "sealed"
-BLOB_KEY = "blob"
-KEYS_DIR = "keys-dir"
-KEYS_PASSPHRASE_ENV = "keys-passphrase-env"
+from shared.protocol import ARRAYS_KEY, BLOB_KEY, CONFIG_KEY, KEYS_DIR, KEYS_PASSPHRASE_ENV, SEALED_KEY
 # Message categories whose model payload is sealed; "query" messages carry no model.
 SEALED_TYPES = ("train", "evaluate")
 

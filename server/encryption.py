@@ -45,16 +45,7 @@ from shared.crypto import (
     unpack_arrays,
 )
 from shared.errors import BadInput
-from shared.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY
-
-# Must match clients/encryption.py (the server never imports the clients package).
-SEALED_KEY = "sealed"
-BLOB_KEY = "blob"
-KEYS_DIR = "keys-dir"
-KEYS_PASSPHRASE_ENV = "keys-passphrase-env"
-# Train-reply metric a client sets to 1 when its privacy budget cannot cover a round:
-# such a reply carries no model and is neither accepted nor rejected.
-REFUSED_KEY = "refused"
+from shared.protocol import ARRAYS_KEY, BLOB_KEY, CONFIG_KEY, KEYS_DIR, KEYS_PASSPHRASE_ENV, METRICS_KEY, REFUSED_KEY, SEALED_KEY
 
 # At most this many ciphertext bytes are decrypted per rejected reply while working out
 # *why* it failed authentication (replay, moved, reflected). Only failures pay for it.

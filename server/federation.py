@@ -21,13 +21,17 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from server.client_dp import ClientLevelDP
+from server.encryption import EncryptedExchange
+from shared import __version__
+from shared.auditlog import AuditLog
+from shared.crypto import load_registry, load_server_keys
 from server.strategies import ParticipatingClients, build_strategy
 from shared import privacy
 from shared.config import RunConfig
 from shared.data import prepare
 from shared.evaluation import evaluate, predict_proba
 from shared.models import build_model
-from shared.protocol import CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES, PARTITION_ID, spec_to_record
+from shared.protocol import CONFIG_KEY, KEYS_DIR, KEYS_PASSPHRASE_ENV, METRICS_KEY, NUM_EXAMPLES, PARTITION_ID, spec_to_record
 from shared.store import RunStore, atomic_write_bytes
 from shared.weights import digest, load_numpy, state_to_numpy
 
@@ -64,6 +68,8 @@ class ServerJob:
     timeout: float = 3600.0
     exhausted: set = field(default_factory=set)
     notes: list = field(default_factory=list)
+    keys_dir: str = ""
+    keys_passphrase_env: str | None = None
     on_round: Callable[[RoundReport], None] | None = None
     on_clients: Callable[[list[dict]], None] | None = None
     result: dict = field(default_factory=dict)
@@ -83,6 +89,8 @@ def _config_record(job: ServerJob) -> ConfigRecord:
         "max-grad-norm": c.max_grad_norm,
         "delta": job.delta,
         "max-epsilon": c.max_epsilon or 0.0,
+        KEYS_DIR: job.keys_dir if c.encrypt else "",
+        KEYS_PASSPHRASE_ENV: job.keys_passphrase_env or "",
         "proximal-mu": c.proximal_mu if c.strategy == "fedprox" else 0.0,
         **spec_to_record(c.data_spec),
     }
@@ -161,8 +169,47 @@ def restore_ledgers(grid: Grid, job: ServerJob, node_of: dict[int, int], ledgers
         raise FederationError("could not restore the privacy ledger on every client; refusing to resume")
 
 
+def _finite(value):
+    return None if isinstance(value, float) and value != value else value
+
+
 def run_federation(grid: Grid, job: ServerJob) -> dict:
-    """Run the rounds of ``job`` on ``grid`` (from ``job.resume_from + 1``)."""
+    """Run ``job`` on ``grid`` and keep its signed audit log (``audit.jsonl``).
+
+    The log records the start, every round and the end, including a failure.
+    """
+    exchange_key, signing_key = load_server_keys(job.keys_dir, job.keys_passphrase_env)
+    path = RunStore(job.runs_dir).run_dir(job.run_id) / "audit.jsonl"
+    if job.resume_from or path.exists():
+        log = AuditLog.open_existing(path, signing_key)
+        log.append("run-resume", {"run_id": job.run_id, "after_round": job.resume_from})
+    else:
+        log = AuditLog(path, signing_key)
+        import flwr
+        import opacus
+
+        log.append(
+            "run-start",
+            {
+                "run_id": job.run_id,
+                "config_sha256": job.config.digest(),
+                "fedaudit": __version__,
+                "flwr": flwr.__version__,
+                "opacus": opacus.__version__,
+                "encrypted": job.config.encrypt,
+                "delta": job.delta,
+            },
+        )
+    try:
+        result = _run_rounds(grid, job, log, exchange_key)
+    except BaseException as exc:
+        log.append("run-end", {"status": "failed", "error": f"{type(exc).__name__}: {exc}"})
+        raise
+    log.append("run-end", {"status": result["status"], "accuracy": _finite(result["accuracy"]), "rounds": result["rounds"]})
+    return result
+
+
+def _run_rounds(grid: Grid, job: ServerJob, log: AuditLog, exchange_key) -> dict:
     c = job.config
     store = RunStore(job.runs_dir)
     run_dir = store.run_dir(job.run_id)
@@ -189,6 +236,12 @@ def run_federation(grid: Grid, job: ServerJob) -> dict:
     client_dp: ClientLevelDP | None = None
     if c.client_dp:
         client_dp = strategy = ClientLevelDP(strategy, c.client_noise_multiplier, c.client_clip, c.participation_rate, c.clients, c.seed)
+    exchange: EncryptedExchange | None = None
+    if c.encrypt:
+        # Outermost: the wrappers inside it (client-level clipping and noise) need plaintext.
+        exchange = strategy = EncryptedExchange(
+            strategy, exchange_key, load_registry(job.keys_dir), job.run_id, {node: pid for pid, node in node_of.items()}
+        )
 
     weights = state_to_numpy(model)
     latest: dict[int, tuple[float, float]] = {}  # client -> (epsilon prv, epsilon rdp)
@@ -203,6 +256,7 @@ def run_federation(grid: Grid, job: ServerJob) -> dict:
     arrays = ArrayRecord({k: Array(v) for k, v in weights.items()})
 
     status = "completed"
+    completed = job.resume_from
     accuracy = loss = float("nan")
     load_numpy(model, weights)
     for rnd in range(start, c.rounds + 1):
@@ -216,7 +270,8 @@ def run_federation(grid: Grid, job: ServerJob) -> dict:
                 status = "budget-exhausted"  # checked before any client is asked to train
                 break
 
-        replies = list(grid.send_and_receive(strategy.configure_train(rnd, arrays, ConfigRecord(dict(base)), grid), timeout=job.timeout))
+        train_messages = list(strategy.configure_train(rnd, arrays, ConfigRecord(dict(base)), grid))
+        replies = list(grid.send_and_receive(train_messages, timeout=job.timeout))
         good = sorted((r for r in replies if not r.has_error()), key=lambda r: _metrics(r)[PARTITION_ID])
         trained = [r for r in good if not _metrics(r).get("refused", 0)]
         if replies and not good:
@@ -237,6 +292,16 @@ def run_federation(grid: Grid, job: ServerJob) -> dict:
             epsilons["epsilon"] = max((e for e, _ in latest.values()), default=0.0)
             epsilons["epsilon_rdp"] = max((e for _, e in latest.values()), default=0.0)
         store.commit_spend(job.run_id, rnd, spend, epsilons)
+
+        rejected = []
+        if exchange is not None:
+            trained = exchange.verify_train(rnd, trained)
+            rejected = [{k: v for k, v in r.items() if k != "node"} for r in exchange.rejections.get(rnd, [])]
+        answered = len(train_messages) - sum(1 for r in spend if r["refused"])
+        needed = min(c.min_replies, answered)
+        if len(trained) < needed:
+            reasons = "; ".join(f"client {r['client']}: {r['reason']}" for r in rejected) or "replies missing"
+            raise FederationError(f"round {rnd}: {len(trained)} valid replies, fewer than --min-replies {c.min_replies} ({reasons})")
 
         # Refusing is permanent: a client's epsilon only grows and its per-round spend
         # is fixed, so once every client has refused, no client can train again.
@@ -280,6 +345,20 @@ def run_federation(grid: Grid, job: ServerJob) -> dict:
             },
             client_eval,
         )
+        completed = rnd
+        log.append(
+            "round",
+            {
+                "round": rnd,
+                "participants": sorted(int(_metrics(r)[PARTITION_ID]) for r in trained),
+                "refused": sorted(r["client"] for r in spend if r["refused"]),
+                "rejected": rejected,
+                "epsilon_spent": {str(r["client"]): r["epsilon"] for r in spend if r.get("epsilon") is not None},
+                "epsilon": epsilons.get("epsilon"),
+                "client_epsilon": epsilons.get("client_epsilon"),
+                "model_sha256": digest(weights),
+            },
+        )
         if job.on_round:
             job.on_round(RoundReport(rnd, c.rounds, accuracy, loss, epsilons.get("epsilon"), len(trained), seconds, epsilons.get("client_epsilon")))
         if status == "budget-exhausted" or (job.stop_after_round is not None and rnd >= job.stop_after_round):
@@ -288,5 +367,5 @@ def run_federation(grid: Grid, job: ServerJob) -> dict:
     load_numpy(model, weights)
     _save_weights(run_dir / "model.safetensors", weights)
     store.update_run(job.run_id, info={"f1_macro": _macro_f1(model, prepared.x_test, prepared.y_test)})
-    job.result = {"status": status, "accuracy": accuracy, "loss": loss}
+    job.result = {"status": status, "accuracy": accuracy, "loss": loss, "rounds": completed}
     return job.result

@@ -19,6 +19,7 @@ import tomli_w
 from server.federation import RoundReport, ServerJob
 from shared import planner, privacy
 from shared.config import RunConfig
+from shared.crypto import init_keys, load_registry, load_server_keys
 from shared.data import client_data, prepare
 from shared.errors import BadInput
 from shared.models import build_model
@@ -74,16 +75,47 @@ def preflight(config: RunConfig) -> Preflight:
     return Preflight(config=config, delta=delta, model_name=model_name, client_sizes=sizes, notes=notes)
 
 
-def prepare_run(config: RunConfig, runs_dir: str | Path | None, run_id: str | None = None) -> ServerJob:
-    """Check the input, then create the run row and folder."""
+def check_keys(keys_dir: str | Path, clients: int, passphrase_env: str | None) -> None:
+    """The server's keys open and the registry holds every client: fail before the run."""
+    keys_dir = Path(keys_dir)
+    if not (keys_dir / "registry.json").exists():
+        raise BadInput(f"no key registry in {keys_dir}; create keys with `fedaudit keys init {keys_dir} --clients {clients}`")
+    load_server_keys(keys_dir, passphrase_env)
+    registry = load_registry(keys_dir)
+    missing = [i for i in range(clients) if i not in registry.clients]
+    if missing:
+        raise BadInput(f"key registry {keys_dir} has no key for client(s) {', '.join(map(str, missing[:5]))}; it holds {len(registry.clients)}")
+
+
+def prepare_run(
+    config: RunConfig,
+    runs_dir: str | Path | None,
+    run_id: str | None = None,
+    keys_dir: str | Path | None = None,
+    keys_passphrase_env: str | None = None,
+) -> ServerJob:
+    """Check the input, then create the run row and folder (and keys, if none given)."""
     checked = preflight(config)
     config = checked.config
+    notes = list(checked.notes)
+    if keys_dir is not None:
+        keys_dir = Path(keys_dir).resolve()
+        check_keys(keys_dir, config.clients, keys_passphrase_env)
     store = RunStore(runs_dir)
     run_id = run_id or new_run_id()
-    store.create_run(run_id, config.to_dict(), info={"model": checked.model_name, "engine": "simulation", "notes": checked.notes})
+    if keys_dir is None:
+        keys_dir = store.run_dir(run_id) / "keys"
+        init_keys(keys_dir, config.clients)
+        keys_passphrase_env = None
+        notes.append(f"made fresh keys for this run in {keys_dir}")
+    info = {"model": checked.model_name, "engine": "simulation", "notes": notes, "keys_dir": str(keys_dir), "keys_passphrase_env": keys_passphrase_env}
+    store.create_run(run_id, config.to_dict(), info=info)
     store.update_run(run_id, delta=checked.delta)
     atomic_write_bytes(store.run_dir(run_id) / "config.toml", tomli_w.dumps(config.to_toml_dict()).encode())
-    return ServerJob(run_id=run_id, config=config, delta=checked.delta, runs_dir=str(store.root), model_name=checked.model_name, notes=checked.notes)
+    return ServerJob(
+        run_id=run_id, config=config, delta=checked.delta, runs_dir=str(store.root), model_name=checked.model_name, notes=notes,
+        keys_dir=str(keys_dir), keys_passphrase_env=keys_passphrase_env,
+    )
 
 
 def prepare_resume(run_id: str, runs_dir: str | Path | None) -> ServerJob:
@@ -103,8 +135,11 @@ def prepare_resume(run_id: str, runs_dir: str | Path | None) -> ServerJob:
     store.set_aside_interrupted(run_id, last)
     store.update_run(run_id, status="running", error=None, finished_at=None)
     notes = [f"resuming run {run_id} after round {last}"]
+    keys_env = record.info.get("keys_passphrase_env")
+    check_keys(record.info["keys_dir"], config.clients, keys_env)
     return ServerJob(
-        run_id=run_id, config=config, delta=record.delta, runs_dir=str(store.root), model_name=record.info["model"], resume_from=last, notes=notes
+        run_id=run_id, config=config, delta=record.delta, runs_dir=str(store.root), model_name=record.info["model"], resume_from=last, notes=notes,
+        keys_dir=record.info["keys_dir"], keys_passphrase_env=keys_env,
     )
 
 
@@ -127,6 +162,7 @@ def run_simulation_job(
     verbose: bool = False,
     on_round: Callable[[RoundReport], None] | None = None,
     on_clients: Callable[[list[dict]], None] | None = None,
+    client_app=None,
 ) -> RunOutcome:
     """Run ``job`` on the Simulation Engine and record its final status."""
     from shared import quiet
@@ -150,7 +186,7 @@ def run_simulation_job(
     try:
         run_simulation(
             server_app=make_server_app(job),
-            client_app=_load_client_app(),
+            client_app=client_app or _load_client_app(),
             num_supernodes=job.config.clients,
             backend_config=backend_config,
             verbose_logging=verbose,
@@ -199,6 +235,8 @@ def summarize(store: RunStore, run_id: str) -> dict:
         "max_epsilon": cap,
         "budget_left": _budget_left(cap, epsilon, client_epsilon),
         "notes": record.info.get("notes", []),
+        "encrypted": record.config.get("encrypt", True),
+        "audit_log": str(store.run_dir(run_id) / "audit.jsonl"),
         "clients_trained": len(ledger),
         "wall_time": record.wall_time,
         "run_dir": str(store.run_dir(run_id)),

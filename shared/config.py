@@ -62,6 +62,9 @@ class RunConfig:
     client_target_epsilon: float | None = None
     # enforcement: no unit's epsilon may pass this
     max_epsilon: float | None = None
+    # exchange
+    encrypt: bool = True
+    min_replies: int = 1
 
     # ------------------------------------------------------------------ conversions
     @classmethod
@@ -106,6 +109,10 @@ class RunConfig:
             raise BadInput(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
         if self.optimizer not in OPTIMIZERS:
             raise BadInput(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        if self.min_replies < 1:
+            raise BadInput(f"--min-replies must be >= 1, got {self.min_replies}")
+        if self.min_replies > self.clients:
+            raise BadInput(f"--min-replies {self.min_replies} is more than --clients {self.clients}")
         if self.rounds < 1:
             raise BadInput(f"--rounds must be >= 1, got {self.rounds}")
         if self.clients < 1:

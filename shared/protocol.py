@@ -16,6 +16,15 @@ METRICS_KEY = "metrics"
 # Reply metric keys.
 NUM_EXAMPLES = "num-examples"
 PARTITION_ID = "partition-id"
+# Set to 1 in a train reply when the client's privacy budget cannot cover the round:
+# such a reply carries no model.
+REFUSED_KEY = "refused"
+
+# The sealed model payload (encrypted exchange) and the config keys that turn it on.
+SEALED_KEY = "sealed"
+BLOB_KEY = "blob"
+KEYS_DIR = "keys-dir"
+KEYS_PASSPHRASE_ENV = "keys-passphrase-env"
 
 
 def spec_to_record(spec: DataSpec) -> dict[str, Any]:

@@ -25,7 +25,12 @@ from tests.tamper import make_tamper_mod
 
 def build_app(mode: str, victim: int, keys_dir: str | None = None) -> ClientApp:
     """A ClientApp whose client ``victim`` misbehaves as ``mode`` (tests/tamper.py MODES)."""
-    app = ClientApp(mods=[make_tamper_mod(mode, victim, keys_dir), encryption_mod])
+    return build_multi_app({victim: mode}, keys_dir)
+
+
+def build_multi_app(modes: dict[int, str], keys_dir: str | None = None) -> ClientApp:
+    """A ClientApp where each client in ``modes`` misbehaves in its own way."""
+    app = ClientApp(mods=[*(make_tamper_mod(mode, victim, keys_dir) for victim, mode in modes.items()), encryption_mod])
     app.query()(describe)
     app.train()(train)
     app.evaluate()(evaluate_local)
