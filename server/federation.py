@@ -247,7 +247,8 @@ def _run_rounds(grid: Grid, job: ServerJob, log: AuditLog, exchange_key) -> dict
     latest: dict[int, tuple[float, float]] = {}  # client -> (epsilon prv, epsilon rdp)
     start = job.resume_from + 1
     if job.resume_from:
-        weights = _load_weights(run_dir / "checkpoints" / f"round-{job.resume_from:04d}.safetensors")
+        saved = _load_weights(run_dir / "checkpoints" / f"round-{job.resume_from:04d}.safetensors")
+        weights = {k: saved[k] for k in weights}  # the model's own key order, not the file's
         ledgers = store.ledger(job.run_id)
         for pid, extra in store.interrupted_spend(job.run_id).items():
             ledgers[pid] = ledgers.get(pid, []) + extra

@@ -22,7 +22,8 @@ def configure(verbose: bool = False) -> None:
     os.environ["FLWR_LOG_LEVEL"] = "ERROR"
     os.environ.setdefault("PYTHONWARNINGS", "ignore")
     warnings.filterwarnings("ignore")
-    for name in ("flwr", "ray", "alembic", "datasets", "opacus", "filelock"):
+    # Our own server/client loggers too: rejections and refusals are in the audit log.
+    for name in ("flwr", "ray", "alembic", "datasets", "opacus", "filelock", "server", "clients"):
         logging.getLogger(name).setLevel(logging.ERROR)
     logging.getLogger("flwr").propagate = False
     try:
