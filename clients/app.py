@@ -16,6 +16,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp  # noqa: E402
 import torch  # noqa: E402
 
+from clients.attacks import corrupt_update, flip_labels  # noqa: E402
 from clients.encryption import encryption_mod  # noqa: E402
 from clients.training import GRAD_SAMPLE_MODE, DPSettings, train_local  # noqa: E402
 from shared import privacy  # noqa: E402
@@ -140,6 +141,10 @@ def train(msg: Message, context: Context) -> Message:
     # with torch's default thread pool (measured in bench/dp_step.py).
     torch.set_num_threads(1)
     round_ = int(config["server-round"])
+    attack = config.get("attack", "") if str(pid) in str(config.get("malicious", "")).split(",") else ""
+    meta = prepare(spec).meta
+    y_train = flip_labels(data.y_train, meta.num_classes) if attack == "label-flip" else data.y_train
+    global_weights = _arrays(msg)
     dp = None
     if config["dp"]:
         dp = DPSettings(float(config["noise-multiplier"]), float(config["max-grad-norm"]))
@@ -148,7 +153,7 @@ def train(msg: Message, context: Context) -> Message:
         result = train_local(
             model,
             data.x_train,
-            data.y_train,
+            y_train,
             epochs=int(config["local-epochs"]),
             batch_size=int(config["batch-size"]),
             learning_rate=float(config["lr"]),
@@ -173,7 +178,10 @@ def train(msg: Message, context: Context) -> Message:
                 "round-steps": result.steps,
             }
         )
-    return _reply(msg, metrics, ArrayRecord({k: Array(v) for k, v in state_to_numpy(model).items()}))
+    sent = state_to_numpy(model)
+    if attack:
+        sent = corrupt_update(attack, global_weights, sent, seed=int(config["data.seed"]) * 7919 + round_ * 31 + pid)
+    return _reply(msg, metrics, ArrayRecord({k: Array(v) for k, v in sent.items()}))
 
 
 def _arrays(msg: Message) -> dict:

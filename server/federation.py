@@ -22,6 +22,7 @@ from flwr.serverapp.strategy import Strategy
 
 from server.client_dp import ClientLevelDP
 from server.encryption import EncryptedExchange
+from server.outliers import score_updates
 from shared import __version__
 from shared.auditlog import AuditLog
 from shared.crypto import load_registry, load_server_keys
@@ -69,6 +70,7 @@ class ServerJob:
     exhausted: set = field(default_factory=set)
     notes: list = field(default_factory=list)
     keys_dir: str = ""
+    malicious_clients: list = field(default_factory=list)
     keys_passphrase_env: str | None = None
     on_round: Callable[[RoundReport], None] | None = None
     on_clients: Callable[[list[dict]], None] | None = None
@@ -89,6 +91,8 @@ def _config_record(job: ServerJob) -> ConfigRecord:
         "max-grad-norm": c.max_grad_norm,
         "delta": job.delta,
         "max-epsilon": c.max_epsilon or 0.0,
+        "attack": c.attack if c.malicious else "",
+        "malicious": ",".join(map(str, job.malicious_clients)),
         KEYS_DIR: job.keys_dir if c.encrypt else "",
         KEYS_PASSPHRASE_ENV: job.keys_passphrase_env or "",
         "proximal-mu": c.proximal_mu if c.strategy == "fedprox" else 0.0,
@@ -227,7 +231,10 @@ def _run_rounds(grid: Grid, job: ServerJob, log: AuditLog, exchange_key) -> dict
     base = _config_record(job)
     node_of = describe_clients(grid, job, base)
     strategy: Strategy = ParticipatingClients(
-        build_strategy(c.strategy, proximal_mu=c.proximal_mu, server_lr=c.server_lr, client_lr=c.lr),
+        build_strategy(
+            c.strategy, proximal_mu=c.proximal_mu, server_lr=c.server_lr, client_lr=c.lr,
+            aggregator=c.aggregator, num_malicious=c.malicious, clients_per_round=max(1, round(c.clients * c.fraction)),
+        ),
         node_of,
         c.participation_rate if c.client_dp else c.fraction,
         c.seed,
@@ -304,6 +311,9 @@ def _run_rounds(grid: Grid, job: ServerJob, log: AuditLog, exchange_key) -> dict
             reasons = "; ".join(f"client {r['client']}: {r['reason']}" for r in rejected) or "replies missing"
             raise FederationError(f"round {rnd}: {len(trained)} valid replies, fewer than --min-replies {c.min_replies} ({reasons})")
 
+        scores = score_updates(weights, {int(_metrics(r)[PARTITION_ID]): {k: a.numpy() for k, a in r.content["arrays"].items()} for r in trained})
+        store.record_flags(job.run_id, rnd, scores)
+
         # Refusing is permanent: a client's epsilon only grows and its per-round spend
         # is fixed, so once every client has refused, no client can train again.
         job.exhausted |= {r["client"] for r in spend if r["refused"]}
@@ -354,6 +364,7 @@ def _run_rounds(grid: Grid, job: ServerJob, log: AuditLog, exchange_key) -> dict
                 "participants": sorted(int(_metrics(r)[PARTITION_ID]) for r in trained),
                 "refused": sorted(r["client"] for r in spend if r["refused"]),
                 "rejected": rejected,
+                "flagged": [x["client"] for x in scores if x["flagged"]],
                 "epsilon_spent": {str(r["client"]): r["epsilon"] for r in spend if r.get("epsilon") is not None},
                 "epsilon": epsilons.get("epsilon"),
                 "client_epsilon": epsilons.get("client_epsilon"),

@@ -75,6 +75,16 @@ def preflight(config: RunConfig) -> Preflight:
     return Preflight(config=config, delta=delta, model_name=model_name, client_sizes=sizes, notes=notes)
 
 
+def malicious_clients(config: RunConfig) -> list[int]:
+    """Which clients misbehave: a seeded choice, recorded as the run's ground truth."""
+    import numpy as np
+
+    if not config.malicious:
+        return []
+    rng = np.random.default_rng([config.seed, 0xBAD])
+    return sorted(rng.choice(config.clients, size=config.malicious, replace=False).tolist())
+
+
 def check_keys(keys_dir: str | Path, clients: int, passphrase_env: str | None) -> None:
     """The server's keys open and the registry holds every client: fail before the run."""
     keys_dir = Path(keys_dir)
@@ -108,13 +118,19 @@ def prepare_run(
         init_keys(keys_dir, config.clients)
         keys_passphrase_env = None
         notes.append(f"made fresh keys for this run in {keys_dir}")
-    info = {"model": checked.model_name, "engine": "simulation", "notes": notes, "keys_dir": str(keys_dir), "keys_passphrase_env": keys_passphrase_env}
+    malicious = malicious_clients(config)
+    if malicious:
+        notes.append(f"clients {', '.join(map(str, malicious))} are malicious ({config.attack})")
+    info = {
+        "model": checked.model_name, "engine": "simulation", "notes": notes, "keys_dir": str(keys_dir),
+        "keys_passphrase_env": keys_passphrase_env, "malicious_clients": malicious,
+    }
     store.create_run(run_id, config.to_dict(), info=info)
     store.update_run(run_id, delta=checked.delta)
     atomic_write_bytes(store.run_dir(run_id) / "config.toml", tomli_w.dumps(config.to_toml_dict()).encode())
     return ServerJob(
         run_id=run_id, config=config, delta=checked.delta, runs_dir=str(store.root), model_name=checked.model_name, notes=notes,
-        keys_dir=str(keys_dir), keys_passphrase_env=keys_passphrase_env,
+        keys_dir=str(keys_dir), keys_passphrase_env=keys_passphrase_env, malicious_clients=malicious,
     )
 
 
@@ -139,7 +155,7 @@ def prepare_resume(run_id: str, runs_dir: str | Path | None) -> ServerJob:
     check_keys(record.info["keys_dir"], config.clients, keys_env)
     return ServerJob(
         run_id=run_id, config=config, delta=record.delta, runs_dir=str(store.root), model_name=record.info["model"], resume_from=last, notes=notes,
-        keys_dir=record.info["keys_dir"], keys_passphrase_env=keys_env,
+        keys_dir=record.info["keys_dir"], keys_passphrase_env=keys_env, malicious_clients=record.info.get("malicious_clients", []),
     )
 
 

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
+from flwr.serverapp.strategy import Bulyan, FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, MultiKrum, Strategy
 
 from shared.errors import BadInput
 
@@ -22,7 +22,27 @@ from shared.errors import BadInput
 _ALL_SHOWN = dict(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=1)
 
 
-def build_strategy(name: str, *, proximal_mu: float = 0.01, server_lr: float = 0.1, client_lr: float = 0.1) -> Strategy:
+def build_strategy(
+    name: str,
+    *,
+    proximal_mu: float = 0.01,
+    server_lr: float = 0.1,
+    client_lr: float = 0.1,
+    aggregator: str = "fedavg",
+    num_malicious: int = 0,
+    clients_per_round: int = 1,
+) -> Strategy:
+    """Flower's own strategy for ``name``; a robust ``aggregator`` replaces FedAvg's mean."""
+    if aggregator == "median":
+        return FedMedian(**_ALL_SHOWN)
+    if aggregator == "trimmed-mean":
+        return FedTrimmedAvg(beta=0.2, **_ALL_SHOWN)
+    if aggregator == "krum":
+        return Krum(num_malicious_nodes=num_malicious, **_ALL_SHOWN)
+    if aggregator == "multikrum":
+        return MultiKrum(num_malicious_nodes=num_malicious, num_nodes_to_select=max(1, clients_per_round - num_malicious), **_ALL_SHOWN)
+    if aggregator == "bulyan":
+        return Bulyan(num_malicious_nodes=num_malicious, **_ALL_SHOWN)
     if name == "fedavg":
         return FedAvg(**_ALL_SHOWN)
     if name == "fedprox":

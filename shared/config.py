@@ -18,6 +18,8 @@ from shared.errors import BadInput
 from shared.models import MODELS
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
+AGGREGATORS = ("fedavg", "median", "trimmed-mean", "krum", "multikrum", "bulyan")
+ATTACKS = ("sign-flip", "label-flip", "gaussian", "scale")
 OPTIMIZERS = ("sgd", "adam")
 
 
@@ -62,6 +64,10 @@ class RunConfig:
     client_target_epsilon: float | None = None
     # enforcement: no unit's epsilon may pass this
     max_epsilon: float | None = None
+    # Byzantine experiments and robust aggregation
+    malicious: int = 0
+    attack: str = "sign-flip"
+    aggregator: str = "fedavg"
     # exchange
     encrypt: bool = True
     min_replies: int = 1
@@ -109,6 +115,19 @@ class RunConfig:
             raise BadInput(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
         if self.optimizer not in OPTIMIZERS:
             raise BadInput(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        if self.aggregator not in AGGREGATORS:
+            raise BadInput(f"unknown aggregator {self.aggregator!r}; choose one of {', '.join(AGGREGATORS)}")
+        if self.attack not in ATTACKS:
+            raise BadInput(f"unknown attack {self.attack!r}; choose one of {', '.join(ATTACKS)}")
+        if not (0 <= self.malicious < self.clients):
+            raise BadInput(f"--malicious must be in [0, --clients), got {self.malicious}")
+        if self.aggregator != "fedavg" and self.strategy == "fedadam":
+            raise BadInput("--aggregator replaces FedAvg's mean; it cannot be combined with --strategy fedadam")
+        per_round = max(1, round(self.clients * self.fraction))
+        if self.aggregator == "bulyan" and per_round < 4 * self.malicious + 3:
+            raise BadInput(f"bulyan needs at least 4 x malicious + 3 = {4 * self.malicious + 3} clients per round, got {per_round}")
+        if self.aggregator in ("krum", "multikrum") and per_round < 2 * self.malicious + 3:
+            raise BadInput(f"{self.aggregator} needs at least 2 x malicious + 3 = {2 * self.malicious + 3} clients per round, got {per_round}")
         if self.min_replies < 1:
             raise BadInput(f"--min-replies must be >= 1, got {self.min_replies}")
         if self.min_replies > self.clients:

@@ -83,6 +83,18 @@ CREATE TABLE IF NOT EXISTS interrupted_spend (
     steps INTEGER,
     resumed_at REAL NOT NULL
 );
+-- Outlier scores of each client's update, per round.
+CREATE TABLE IF NOT EXISTS flags (
+    run_id TEXT NOT NULL REFERENCES runs(run_id),
+    round INTEGER NOT NULL,
+    client INTEGER NOT NULL,
+    norm REAL,
+    cosine REAL,
+    z_norm REAL,
+    z_cosine REAL,
+    flagged INTEGER NOT NULL,
+    PRIMARY KEY (run_id, round, client)
+);
 CREATE TABLE IF NOT EXISTS clients (
     run_id TEXT NOT NULL REFERENCES runs(run_id),
     client INTEGER NOT NULL,
@@ -323,6 +335,21 @@ class RunStore:
                     "ON CONFLICT(run_id, round, client) DO UPDATE SET val_accuracy = excluded.val_accuracy, val_loss = excluded.val_loss",
                     (run_id, round_, c["client"], _nan_to_none(c.get("accuracy")), _nan_to_none(c.get("loss"))),
                 )
+
+    def record_flags(self, run_id: str, round_: int, scores: list[dict]) -> None:
+        def finite(v: float) -> float | None:
+            return v if v == v and abs(v) != float("inf") else None
+
+        with self.connect() as conn:
+            conn.executemany(
+                "INSERT OR REPLACE INTO flags (run_id, round, client, norm, cosine, z_norm, z_cosine, flagged) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [(run_id, round_, s["client"], s["norm"], s["cosine"], finite(s["z_norm"]), finite(s["z_cosine"]), int(s["flagged"])) for s in scores],
+            )
+
+    def get_flags(self, run_id: str) -> list[dict]:
+        with self.connect() as conn:
+            rows = conn.execute("SELECT * FROM flags WHERE run_id = ? ORDER BY round, client", (run_id,)).fetchall()
+        return [{k: r[k] for k in r.keys() if k != "run_id"} for r in rows]
 
     def get_rounds(self, run_id: str) -> list[dict]:
         with self.connect() as conn:

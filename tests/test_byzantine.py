@@ -1,0 +1,89 @@
+"""Byzantine clients, robust aggregation and outlier flags on real simulations."""
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from cli import app
+from clients.attacks import corrupt_update, flip_labels
+from server.outliers import score_updates
+from shared.store import RunStore
+from tests.conftest import run_json
+
+SHAPE = ("run", "--clients", "10", "--rounds", "15", "--no-dp", "--seed", "0")
+ATTACKED = (*SHAPE, "--malicious", "3", "--attack", "sign-flip")
+
+
+@pytest.fixture(scope="session")
+def byzantine_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("byzantine")
+
+
+@pytest.fixture(scope="session")
+def byzantine_runs(byzantine_dir):
+    return {
+        "clean": run_json(*SHAPE, runs_dir=byzantine_dir),
+        "fedavg": run_json(*ATTACKED, "--aggregator", "fedavg", runs_dir=byzantine_dir),
+        "median": run_json(*ATTACKED, "--aggregator", "median", runs_dir=byzantine_dir),
+        "krum": run_json(*ATTACKED, "--aggregator", "krum", runs_dir=byzantine_dir),
+    }
+
+
+@pytest.mark.simulation
+def test_sign_flip_breaks_fedavg_but_not_median_or_krum(byzantine_runs):
+    clean = byzantine_runs["clean"]["accuracy"]
+    assert clean > 0.9
+    assert byzantine_runs["fedavg"]["accuracy"] < clean - 0.3  # loses clearly
+    for robust in ("median", "krum"):
+        assert byzantine_runs[robust]["accuracy"] >= clean - 0.05, robust
+
+
+@pytest.mark.simulation
+def test_outlier_detection_flags_the_attackers(byzantine_runs, byzantine_dir):
+    store = RunStore(byzantine_dir)
+    for name in ("fedavg", "median", "krum"):
+        run_id = byzantine_runs[name]["run_id"]
+        truth = set(store.get_run(run_id).info["malicious_clients"])
+        assert len(truth) == 3
+        flags = store.get_flags(run_id)
+        assert {f["round"] for f in flags} == set(range(1, 16))
+        flagged = {f["client"] for f in flags if f["flagged"]}
+        assert len(flagged & truth) >= 2, (name, flagged, truth)
+    clean_flags = store.get_flags(byzantine_runs["clean"]["run_id"])
+    assert sum(f["flagged"] for f in clean_flags) <= len(clean_flags) * 0.05
+
+
+def test_attacks_change_what_is_sent():
+    g = {"w": np.zeros(4, dtype=np.float32)}
+    new = {"w": np.ones(4, dtype=np.float32)}
+    assert np.allclose(corrupt_update("sign-flip", g, new, 0)["w"], -4)
+    assert np.allclose(corrupt_update("scale", g, new, 0)["w"], 10)
+    noisy = corrupt_update("gaussian", g, new, 0)["w"]
+    assert noisy.std() > 0.1 and not np.allclose(noisy, 1)
+    assert corrupt_update("label-flip", g, new, 0) is new
+    assert flip_labels(np.array([0, 1, 9]), 10).tolist() == [9, 8, 0]
+
+
+def test_scores_flag_a_flipped_update_among_honest_ones():
+    rng = np.random.default_rng(0)
+    g = {"w": np.zeros(50)}
+    honest = {i: {"w": np.ones(50) + 0.1 * rng.normal(size=50)} for i in range(7)}
+    honest[7] = {"w": -4 * np.ones(50)}
+    scores = {s["client"]: s for s in score_updates(g, honest)}
+    assert scores[7]["flagged"] and not any(scores[i]["flagged"] for i in range(7))
+    assert scores[7]["norm"] > 3 * scores[0]["norm"]
+
+
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (["--aggregator", "mean-ish"], "unknown aggregator"),
+        (["--attack", "bribe", "--malicious", "1"], "unknown attack"),
+        (["--malicious", "10", "--clients", "10"], "--malicious must be in"),
+        (["--aggregator", "bulyan", "--malicious", "2", "--clients", "10"], "bulyan needs at least"),
+        (["--aggregator", "krum", "--strategy", "fedadam"], "cannot be combined"),
+    ],
+)
+def test_byzantine_bad_input(args, expected, tmp_path):
+    result = CliRunner().invoke(app, ["run", *args, "--runs-dir", str(tmp_path)])
+    assert result.exit_code == 2 and expected in result.stderr
