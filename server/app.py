@@ -15,6 +15,7 @@ from flwr.app import Context  # noqa: E402
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
 
 from server.federation import ServerJob, run_federation  # noqa: E402
+from shared.store import RunStore  # noqa: E402
 
 
 def make_server_app(job: ServerJob | None = None) -> ServerApp:
@@ -22,8 +23,18 @@ def make_server_app(job: ServerJob | None = None) -> ServerApp:
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        the_job = job if job is not None else job_from_run_config(dict(context.run_config))
-        run_federation(grid, the_job)
+        if job is not None:
+            run_federation(grid, job)  # the CLI's runner records how the run ended
+            return
+        # `flwr run`: nobody else will record the outcome, so do it here.
+        the_job = job_from_run_config(dict(context.run_config))
+        store = RunStore(the_job.runs_dir)
+        try:
+            result = run_federation(grid, the_job)
+        except Exception as exc:
+            store.finish_run(the_job.run_id, "failed", f"{type(exc).__name__}: {exc}")
+            raise
+        store.finish_run(the_job.run_id, result["status"])
 
     return app
 
@@ -33,7 +44,7 @@ def job_from_run_config(run_config: dict) -> ServerJob:
     from server.runner import prepare_run
     from shared.config import resolve
 
-    runs_dir = run_config.pop("runs-dir", None)
+    runs_dir = run_config.pop("runs-dir", None) or None
     settings = {k.replace("-", "_"): v for k, v in run_config.items()}
     for key in ("dataset", "data", "label", "model"):
         if settings.get(key) == "":
