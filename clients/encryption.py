@@ -52,7 +52,7 @@ from shared.crypto import (
     unpack_arrays,
 )
 from shared.errors import BadInput
-from shared.protocol import ARRAYS_KEY, BLOB_KEY, CONFIG_KEY, KEYS_DIR, KEYS_PASSPHRASE_ENV, SEALED_KEY
+from shared.protocol import ARRAYS_KEY, BLOB_KEY, CONFIG_KEY, KEYS_DIR, KEYS_PASSPHRASE_ENV, SEALED_KEY, replace_record
 # Message categories whose model payload is sealed; "query" messages carry no model.
 SEALED_TYPES = ("train", "evaluate")
 
@@ -125,17 +125,6 @@ def open_arrays(key: bytes, content: RecordDict, aad: bytes) -> dict[str, np.nda
     return unpack_arrays(open_sealed(key, sealed_blob(content), aad))
 
 
-def replace_record(content: RecordDict, old_key: str, new_key: str, record) -> RecordDict:
-    """A new RecordDict: ``content`` with ``old_key`` replaced in place by ``new_key: record``."""
-    out = RecordDict()
-    for name, value in content.items():
-        if name == old_key:
-            out[new_key] = record
-        elif name != new_key:
-            out[name] = value
-    if old_key not in content:
-        out[new_key] = record
-    return out
 
 
 def message_category(msg: Message) -> str:

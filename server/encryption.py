@@ -45,7 +45,7 @@ from shared.crypto import (
     unpack_arrays,
 )
 from shared.errors import BadInput
-from shared.protocol import ARRAYS_KEY, BLOB_KEY, CONFIG_KEY, KEYS_DIR, KEYS_PASSPHRASE_ENV, METRICS_KEY, REFUSED_KEY, SEALED_KEY
+from shared.protocol import replace_record, ARRAYS_KEY, BLOB_KEY, CONFIG_KEY, KEYS_DIR, KEYS_PASSPHRASE_ENV, METRICS_KEY, REFUSED_KEY, SEALED_KEY
 
 # At most this many ciphertext bytes are decrypted per rejected reply while working out
 # *why* it failed authentication (replay, moved, reflected). Only failures pay for it.
@@ -71,16 +71,6 @@ def _spec(arrays: Mapping[str, np.ndarray]) -> list[tuple[str, str, tuple[int, .
 
 def _numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
     return {name: array.numpy() for name, array in record.items()}
-
-
-def _replace(content: RecordDict, old_key: str, new_key: str, record) -> RecordDict:
-    out = RecordDict()
-    for name, value in content.items():
-        if name == old_key:
-            out[new_key] = record
-        elif name != new_key:
-            out[name] = value
-    return out
 
 
 def is_refusal(reply: Message) -> bool:
@@ -197,7 +187,7 @@ class EncryptedExchange(Strategy):
                 raise EncryptionError(f"round {server_round}: cannot seal for client {client_id}: {e}") from None
             aad = self._aad(server_round, client_id, category, SERVER_TO_CLIENT)
             sealed = ConfigRecord({BLOB_KEY: seal(key, plaintext, aad)})
-            out.append(Message(metadata=msg.metadata, content=_replace(content, ARRAYS_KEY, SEALED_KEY, sealed)))
+            out.append(Message(metadata=msg.metadata, content=replace_record(content, ARRAYS_KEY, SEALED_KEY, sealed)))
         return out
 
     def _check_config(self, server_round: int, content: RecordDict) -> None:
@@ -290,7 +280,7 @@ class EncryptedExchange(Strategy):
             raise _Rejected("malformed", f"sealed payload is not a valid packed model: {e.reason}") from None
         self._check_arrays(server_round, arrays)
         restored = ArrayRecord({name: Array(np.asarray(a)) for name, a in arrays.items()})
-        return Message(metadata=reply.metadata, content=_replace(content, SEALED_KEY, ARRAYS_KEY, restored))
+        return Message(metadata=reply.metadata, content=replace_record(content, SEALED_KEY, ARRAYS_KEY, restored))
 
     def _check_arrays(self, server_round: int, arrays: Mapping[str, np.ndarray]) -> None:
         expected = self._global_spec.get(server_round)

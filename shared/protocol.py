@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from flwr.app import RecordDict
+
 from shared.data import DataSpec
 
 ARRAYS_KEY = "arrays"
@@ -37,3 +39,16 @@ def spec_from_record(record: Any) -> DataSpec:
         value = record[f"data.{key}"]
         values[key] = None if value == "" else value
     return DataSpec(**values)
+
+
+def replace_record(content: RecordDict, old_key: str, new_key: str, record) -> RecordDict:
+    """A new RecordDict: ``content`` with ``old_key`` replaced in place by ``new_key: record``."""
+    out = RecordDict()
+    for name, value in content.items():
+        if name == old_key:
+            out[new_key] = record
+        elif name != new_key:
+            out[name] = value
+    if old_key not in content:
+        out[new_key] = record
+    return out
