@@ -66,11 +66,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--cpus-per-client", type=float, default=1.0)
+    parser.add_argument("--model", default=None, help="logreg, mlp or cnn (default: the dataset's)")
+    parser.add_argument("--local-epochs", type=int, default=1)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
 
-    cfg = resolve(None, dataset="digits", clients=args.clients, rounds=args.rounds, cpus_per_client=args.cpus_per_client)
+    cfg = resolve(
+        None, dataset="digits", clients=args.clients, rounds=args.rounds, cpus_per_client=args.cpus_per_client,
+        model=args.model, local_epochs=args.local_epochs,
+    )
     parallel = max(1, int(2 // args.cpus_per_client))
     runs_dir = tempfile.mkdtemp(prefix="fedaudit-bench-")
     job = prepare_run(cfg, runs_dir)
@@ -95,7 +100,8 @@ def main() -> None:
     steady = statistics.median(round_times[1:]) if len(round_times) > 1 else round_times[0]
     startup = wall - sum(round_times) + (round_times[0] - steady)
     plain = statistics.median(plain_times) / parallel
-    print(f"fedaudit run: digits, {cfg.clients} clients, {cfg.rounds} rounds, model {job.model_name}, dp={cfg.dp}, "
+    print(f"fedaudit run: digits, {cfg.clients} clients, {cfg.rounds} rounds, model {job.model_name}, "
+          f"{cfg.local_epochs} local epoch(s), dp={cfg.dp}, "
           f"{parallel} client(s) in parallel")
     print(f"  wall time                     {wall:8.2f} s")
     print(f"  fixed start-up + shutdown     {startup:8.2f} s")
