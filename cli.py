@@ -115,6 +115,9 @@ def run(
     client_sample_rate: Optional[float] = typer.Option(None, help="Client-level DP: each client joins a round with this probability (Poisson)."),
     client_target_epsilon: Optional[float] = typer.Option(None, help="Calibrate z so the client-level epsilon ends <= this."),
     max_epsilon: Optional[float] = typer.Option(None, help="Budget cap: clients refuse rounds that would pass it; client-level checked at the server."),
+    malicious: Optional[int] = typer.Option(None, help="Make this many clients malicious (robustness experiments)."),
+    attack: Optional[str] = typer.Option(None, help="What malicious clients do: sign-flip, label-flip, gaussian or scale."),
+    aggregator: Optional[str] = typer.Option(None, help="fedavg, median, trimmed-mean, krum, multikrum or bulyan (Flower's strategies)."),
     encrypt: Optional[bool] = typer.Option(None, "--encrypt/--no-encrypt", help="Seal every model payload with AES-256-GCM (default: on)."),
     min_replies: Optional[int] = typer.Option(None, help="Fewest valid client replies a round needs; fewer stops the run as failed."),
     keys: Optional[Path] = typer.Option(None, "--keys", help="Key directory from `fedaudit keys init` (default: fresh keys in the run folder)."),
@@ -401,6 +404,253 @@ def verify(
         where = f"entry {result.first_bad}" if result.first_bad else "signed head"
         out.print(f"audit log FAILED at {where}: {result.reason}")
     if not result.ok:
+        raise typer.Exit(EXIT_GATE_FAILED)
+
+
+# --------------------------------------------------------------------------- audit / compare / sweep
+def _check_html_path(html_path: Optional[Path]) -> None:
+    if html_path is not None:
+        from audit.html import check_output_path
+
+        check_output_path(html_path)
+
+
+def _write_report(html_path: Optional[Path], render, report: dict) -> None:
+    if html_path is not None:
+        from audit.html import write_html
+
+        path = write_html(render(report), html_path)
+        err.print(f"HTML report written to {path}", markup=False)
+
+
+def _table_of(title: str, pairs) -> Table:
+    table = Table(title=title, show_header=False, title_justify="left")
+    for key, value in pairs:
+        table.add_row(key, f"{value:g}" if key.startswith("delta") and isinstance(value, float) else _fmt(value))
+    return table
+
+
+def _print_audit(report: dict) -> None:
+    u, rob, p = report["utility"], report["robustness"], report["privacy"]
+    d = report["data"]
+    out.print(f"[bold]audit of run {report['run_id']}[/bold]  ({d['dataset']}, {d['clients']} clients, model {report['model']['name']}, status {report['status']})")
+    out.print(_table_of("utility (server test split)", [
+        ("accuracy", u["accuracy"]), ("balanced accuracy", u["balanced_accuracy"]), ("precision macro", u["precision_macro"]),
+        ("recall macro", u["recall_macro"]), ("F1 macro", u["f1_macro"]), ("ROC AUC", u["roc_auc"]),
+        ("expected calibration error", u["expected_calibration_error"]),
+    ]))
+    per_class = Table(title="per class", title_justify="left")
+    for col in ("class", "precision", "recall", "F1", "support"):
+        per_class.add_column(col, justify="right")
+    for label in u["labels"]:
+        per_class.add_row(str(label), _fmt(u["precision_per_class"][label]), _fmt(u["recall_per_class"][label]), _fmt(u["f1_per_class"][label]), str(u["support_per_class"][label]))
+    out.print(per_class)
+    pc, g, e = u["per_client"], u["generalisation"], u["efficiency"]
+    if pc.get("n_clients"):
+        out.print(_table_of("per-client accuracy (local validation splits)", [
+            ("mean", pc["mean"]), ("worst", pc["worst"]), ("worst client", pc["worst_client"]), ("spread", pc["spread"]),
+        ]))
+    out.print(_table_of("generalisation (training records vs test split)", [
+        ("train accuracy", g["train_accuracy"]), ("test accuracy", g["test_accuracy"]), ("accuracy gap", g["accuracy_gap"]),
+        ("train loss", g["train_loss"]), ("test loss", g["test_loss"]), ("loss gap", g["loss_gap"]),
+    ]))
+    out.print(_table_of("efficiency", [
+        ("parameters", e["parameters"]), ("parameter bytes", e["parameter_bytes"]), ("model file bytes", e["file_bytes"]),
+        ("latency ms / 1,000 records", e["latency_ms_per_1000"]),
+    ]))
+    params = rob["parameters"]
+    table = Table(title=f"robustness on the {rob['evaluated_on']} ({rob['n_records']} records; eps and noise are fractions of each feature's range)", title_justify="left")
+    table.add_column("attack")
+    table.add_column("clean", justify="right")
+    for point in rob["fgsm"]:
+        table.add_column(f"eps {point['eps']:g}", justify="right")
+    table.add_row("FGSM", _fmt(rob["clean_accuracy"]), *[_fmt(x["accuracy"]) for x in rob["fgsm"]])
+    table.add_row(f"PGD ({params['pgd_steps']} steps)", _fmt(rob["clean_accuracy"]), *[_fmt(x["accuracy"]) for x in rob["pgd"]])
+    out.print(table)
+    out.print("Gaussian noise: " + ", ".join(f"{x['level']:g} -> {x['accuracy']:.4f}" for x in rob["noise"]))
+    out.print(f"PGD: alpha = {params['pgd_alpha']}; starts: {params['pgd_starts']}")
+    ea = report["error_analysis"]
+    out.print("most confused (true -> predicted: count): " + ", ".join(f"{c['true']} -> {c['predicted']}: {c['count']}" for c in ea["most_confused"]))
+    if report.get("baseline"):
+        b = report["baseline"]
+        out.print(f"baseline {b['run_id']}: accuracy {b['accuracy']:.4f}, drop {b['accuracy_drop']:+.4f}" + (f" ({b['note']})" if b["note"] else ""))
+        out.print("classes hurt most (recall drop): " + ", ".join(f"{c['class']}: {c['recall_drop']:+.3f}" for c in ea["classes_hurt_most"][:5]))
+    out.print(_table_of("privacy", [(k, p[k]) for k in ("epsilon", "delta", "client_epsilon", "accountant", "noise_multiplier") if k in p]))
+    if report.get("flags"):
+        flags = report["flags"]
+        per_client = ", ".join(f"client {c}: {n}" for c, n in flags["flagged_per_client"].items())
+        out.print(f"outlier flags: {len(flags['flagged'])} of {flags['scored_updates']} client updates flagged" + (f" ({per_client})" if per_client else ""))
+    if report["gates"]:
+        gates = Table(title="gates", title_justify="left")
+        for col in ("gate", "threshold", "measured", "result"):
+            gates.add_column(col)
+        for gate in report["gates"]:
+            gates.add_row(gate["gate"], f"{gate['threshold']:g}", _fmt(gate["measured"]), "pass" if gate["passed"] else "FAIL")
+        out.print(gates)
+
+
+@app.command("audit")
+@user_errors
+def audit_command(
+    run_id: str = typer.Argument(..., help="Run to audit (its stored final model)."),
+    baseline: Optional[str] = typer.Option(None, "--baseline", metavar="RUN_ID", help="Run to measure the accuracy drop and per-class recall drop against (usually non-private)."),
+    html_path: Optional[Path] = typer.Option(None, "--html", metavar="PATH", help="Also write a self-contained HTML report."),
+    max_epsilon: Optional[float] = typer.Option(None, help="Gate: every privacy unit's epsilon <= this (a non-private run fails)."),
+    min_accuracy: Optional[float] = typer.Option(None, help="Gate: test accuracy >= this."),
+    max_accuracy_drop: Optional[float] = typer.Option(None, help="Gate: baseline accuracy - this run's accuracy <= this (needs --baseline)."),
+    min_robust_accuracy: Optional[float] = typer.Option(None, help="Gate: PGD accuracy at the strongest eps >= this."),
+    runs_dir: Optional[Path] = typer.Option(None, help=RUNS_DIR_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object to stdout."),
+) -> None:
+    """Audit a stored run: utility, robustness, error analysis, privacy, and optional gates."""
+    from audit.html import audit_html
+    from audit.report import Gates, audit_run
+    from shared.store import RunStore
+
+    gates = Gates(max_epsilon, min_accuracy, max_accuracy_drop, min_robust_accuracy).validate(baseline is not None)
+    _check_html_path(html_path)
+    report = audit_run(RunStore(runs_dir), run_id, baseline_id=baseline, gates=gates)
+    _write_report(html_path, audit_html, report)
+    if as_json:
+        _print_json(report)
+    else:
+        _print_audit(report)
+    failed = [g for g in report["gates"] if not g["passed"]]
+    for gate in failed:
+        err.print(f"gate failed: {gate['gate']}: measured {_fmt(gate['measured'])}, threshold {gate['threshold']:g} ({gate['detail']})", markup=False)
+    if failed:
+        raise typer.Exit(EXIT_GATE_FAILED)
+
+
+@app.command("compare")
+@user_errors
+def compare_command(
+    run_ids: list[str] = typer.Argument(..., metavar="RUN_A RUN_B [RUN_C...]", help="Runs to compare; differences are against the first."),
+    html_path: Optional[Path] = typer.Option(None, "--html", metavar="PATH", help="Also write a self-contained HTML report."),
+    runs_dir: Optional[Path] = typer.Option(None, help=RUNS_DIR_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object to stdout."),
+) -> None:
+    """Audit several runs and show them side by side, with differences against the first."""
+    from audit.html import compare_html
+    from audit.report import compare_runs
+    from shared.store import RunStore
+
+    _check_html_path(html_path)
+    report = compare_runs(RunStore(runs_dir), list(run_ids))
+    _write_report(html_path, compare_html, report)
+    if as_json:
+        _print_json(report)
+        return
+    runs = report["runs"]
+    names = [chr(ord("A") + i) if i < 26 else str(i + 1) for i in range(len(runs))]
+    for name, r in zip(names, runs):
+        privacy = "sample-level DP" if r["dp"] else "non-private"
+        out.print(f"{name} = {r['run_id']} ({r['dataset']}, {r['model']}, {privacy}{', client-level DP' if r['client_dp'] else ''})", markup=False)
+
+    def cell(metric: str, value: Any) -> str:
+        return "-" if value is None else (f"{value:g}" if metric.endswith("delta") else _fmt(value))
+
+    table = Table(title="compare: differences against A in brackets", title_justify="left")
+    table.add_column("metric", no_wrap=True)
+    for name in names:
+        table.add_column(name, justify="right")
+    for metric in report["metric_names"]:
+        cells = [cell(metric, runs[0]["metrics"][metric])]
+        for r, diff in zip(runs[1:], report["differences"]):
+            delta = diff["differences"][metric]
+            cells.append(cell(metric, r["metrics"][metric]) + ("" if delta is None else f" ({delta:+.3g})"))
+        table.add_row(metric, *cells)
+    out.print(table)
+    if not report["same_data"]:
+        out.print("note: the runs do not share data, partition and seed")
+
+
+@app.command("sweep")
+@user_errors
+def sweep_command(
+    noise_multipliers: Optional[str] = typer.Option(None, help="Comma-separated DP-SGD noise multipliers, e.g. 0.8,1.2,2.0."),
+    target_epsilons: Optional[str] = typer.Option(None, help="Comma-separated target epsilons, e.g. 1,3,8 (sigma calibrated per run)."),
+    dataset: Optional[str] = typer.Option(None, help="Built-in dataset: digits, breast-cancer or synthetic."),
+    data: Optional[Path] = typer.Option(None, help="A .csv/.parquet file, or a folder with one file per client."),
+    label: Optional[str] = typer.Option(None, help="Label column of --data."),
+    clients: Optional[int] = typer.Option(None, help="Number of simulated clients."),
+    rounds: Optional[int] = typer.Option(None, help="Federated rounds."),
+    seed: Optional[int] = typer.Option(None, help="Seed shared by every run of the sweep."),
+    partition: Optional[str] = typer.Option(None, help="iid or dirichlet:ALPHA (label skew)."),
+    model: Optional[str] = typer.Option(None, help="logreg, mlp or cnn (default: picked by dataset)."),
+    samples: Optional[int] = typer.Option(None, help="synthetic: number of samples."),
+    features: Optional[int] = typer.Option(None, help="synthetic: number of features."),
+    classes: Optional[int] = typer.Option(None, help="synthetic: number of classes."),
+    local_epochs: Optional[int] = typer.Option(None, help="Local epochs per round."),
+    batch_size: Optional[int] = typer.Option(None, help="Batch size (expected batch size under DP)."),
+    lr: Optional[float] = typer.Option(None, help="Client learning rate."),
+    max_grad_norm: Optional[float] = typer.Option(None, help="DP-SGD per-sample clipping norm."),
+    delta: Optional[float] = typer.Option(None, help="Target delta (default as in `fedaudit run`)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="run.toml; flags override it."),
+    html_path: Optional[Path] = typer.Option(None, "--html", metavar="PATH", help="Also write an HTML report with the privacy-utility curve."),
+    runs_dir: Optional[Path] = typer.Option(None, help=RUNS_DIR_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object to stdout."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Flower and Ray logs."),
+) -> None:
+    """Privacy-utility curve: a non-private baseline plus DP-SGD runs at several noise levels."""
+    settings = {k: v for k, v in locals().items() if k not in {"noise_multipliers", "target_epsilons", "config", "html_path", "runs_dir", "as_json", "verbose"}}
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from audit.html import sweep_html
+    from audit.sweep import NOISE_MODE, TARGET_MODE, parse_values, run_sweep, sweep_points
+    from shared.config import resolve
+
+    if (noise_multipliers is None) == (target_epsilons is None):
+        raise FedauditError("give exactly one of --noise-multipliers and --target-epsilons")
+    _check_html_path(html_path)
+    if settings["data"] is not None:
+        settings["data"] = str(settings["data"])
+    base = resolve(config, **settings)
+    if noise_multipliers is not None:
+        mode, points = NOISE_MODE, sweep_points(base, noise_multipliers=parse_values(noise_multipliers, "--noise-multipliers"))
+    else:
+        mode, points = TARGET_MODE, sweep_points(base, target_epsilons=parse_values(target_epsilons, "--target-epsilons"))
+
+    progress = Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
+        console=err, transient=False,
+    )
+    runs_task = progress.add_task("sweep runs", total=len(points), status="")
+    rounds_task = progress.add_task("rounds", total=base.rounds, status="")
+
+    def on_run_start(i: int, point, job) -> None:
+        progress.update(runs_task, status=f"now: {point.label}")
+        progress.reset(rounds_task, total=job.config.rounds, status="starting engine")
+        progress.console.print(f"run {i + 1}/{len(points)} {job.run_id}: {point.label}" + "".join(f"; {n}" for n in job.notes if "keys" not in n), markup=False)
+
+    def on_round(report) -> None:
+        eps = f"  eps {report.epsilon:.3f}" if report.epsilon is not None else ""
+        progress.update(rounds_task, completed=report.round, status=f"acc {report.accuracy:.3f}{eps}")
+
+    def on_run_end(i: int, row: dict) -> None:
+        eps = f", eps {row['epsilon']:.3f}" if row["epsilon"] is not None else ""
+        progress.update(runs_task, advance=1, status=f"last: {row['label']} {row['status']}, acc {_fmt(row['accuracy'], 3)}{eps}")
+
+    with progress:
+        report = run_sweep(points, runs_dir, mode=mode, verbose=verbose, on_run_start=on_run_start, on_round=on_round, on_run_end=on_run_end)
+    _write_report(html_path, sweep_html, report)
+    if as_json:
+        _print_json(report)
+    else:
+        from rich import box
+
+        d = report["data"]
+        delta = next((r["delta"] for r in report["runs"] if r["delta"] is not None), None)
+        title = f"privacy-utility sweep: {d['dataset']}, {d['clients']} clients, {d['rounds']} rounds, seed {d['seed']}, model {d['model']}"
+        table = Table(title=title + (f"; delta = {delta:g}" if delta is not None else ""), title_justify="left", box=box.SIMPLE_HEAD)
+        for col in ("run", "run id", "sigma", "epsilon", "accuracy", "macro F1", "time (s)"):
+            table.add_column(col, no_wrap=True, justify="left" if col in ("run", "run id") else "right")
+        for r in report["runs"]:
+            label = r["label"] + ("" if r["status"] == "completed" else f" ({r['status']})")
+            table.add_row(label, r["run_id"], _fmt(r["noise_multiplier"], 3), _fmt(r["epsilon"], 3), _fmt(r["accuracy"]), _fmt(r["f1_macro"]), _fmt(r["wall_time"], 1))
+        out.print(table)
+        out.print(f"runs are stored in {report['runs_dir']}")
+    if any(r["status"] == "failed" for r in report["runs"]):
         raise typer.Exit(EXIT_GATE_FAILED)
 
 
