@@ -357,6 +357,12 @@ def audit_html(report: dict) -> str:
         parts.append("<h2>Outlier flags (client updates flagged by the server)</h2>")
         flagged = flags["flagged"]
         parts.append(f"<p>{len(flagged)} of {flags['scored_updates']} scored client updates flagged.</p>")
+        if "malicious_clients" in flags:
+            parts.append(
+                f"<p>Known malicious clients: {html.escape(str(flags['malicious_clients']))}. Flagged clients: "
+                f"{html.escape(str(flags['flagged_clients']))}: {flags['flagged_malicious']} truly malicious, "
+                f"{flags['flagged_honest']} honest.</p>"
+            )
         if flagged:
             cols = [c for c in dict.fromkeys(k for f in flagged for k in f) if c != "flagged"]
             parts.append(_table(cols, [[f.get(c) if not isinstance(f.get(c), (list, dict)) else str(f.get(c)) for c in cols] for f in flagged]))

@@ -20,7 +20,6 @@ Report layout (``audit_run``)::
 from __future__ import annotations
 
 import dataclasses
-import sqlite3
 import statistics
 import time
 from dataclasses import dataclass
@@ -227,42 +226,37 @@ def efficiency(model: nn.Module, x: np.ndarray, model_path: Path | None = None, 
     }
 
 
-def outlier_flags(store: RunStore, run_id: str, rounds: list[dict]) -> dict[str, Any] | None:
-    """The server's outlier scores of client updates, summarised; None when the store
-    has none for this run (older stores have no ``flags`` table).
+def outlier_flags(store: RunStore, run_id: str) -> dict[str, Any] | None:
+    """The server's per-round outlier scores of client updates, summarised.
 
     Returns
     -------
     dict or None
-        ``scored_updates`` (rows recorded), ``flagged`` (the flagged rows: round,
-        client and the scores), ``flagged_per_client`` (client -> number of flagged rounds).
+        ``scored_updates`` (rows recorded), ``flagged`` (flagged rows: round, client,
+        scores), ``flagged_per_client`` (client -> flagged rounds), and when the run
+        had malicious clients: ``malicious_clients`` (the ground truth),
+        ``flagged_clients``, and ``flagged_malicious`` / ``flagged_honest`` (how many
+        flagged clients were truly malicious, and how many were not). None when the
+        run recorded no scores.
     """
-    getter = getattr(store, "get_flags", None)
-    rows: list[dict] | None = None
-    if callable(getter):
-        try:
-            rows = [dict(f) for f in getter(run_id)]
-        except sqlite3.Error:
-            rows = None
-    elif any("flags" in r for r in rounds):
-        rows = [{"round": r["round"], "flagged": True, "flags": r["flags"]} for r in rounds if r.get("flags")]
-    else:
-        try:
-            with store.connect() as conn:
-                if conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'flags'").fetchone() is not None:
-                    rows = [dict(r) for r in conn.execute("SELECT * FROM flags WHERE run_id = ?", (run_id,))]
-        except sqlite3.Error:
-            rows = None
+    rows = store.get_flags(run_id)
     if not rows:
         return None
-    for row in rows:
-        row.pop("run_id", None)
-    flagged = [r for r in rows if r.get("flagged", True)]
+    flagged = [r for r in rows if r["flagged"]]
     per_client: dict[str, int] = {}
     for r in flagged:
-        if "client" in r:
-            per_client[str(r["client"])] = per_client.get(str(r["client"]), 0) + 1
-    return {"scored_updates": len(rows), "flagged": flagged, "flagged_per_client": per_client}
+        per_client[str(r["client"])] = per_client.get(str(r["client"]), 0) + 1
+    report: dict[str, Any] = {"scored_updates": len(rows), "flagged": flagged, "flagged_per_client": per_client}
+    truth = store.get_run(run_id).info.get("malicious_clients") or []
+    if truth:
+        clients = {r["client"] for r in flagged}
+        report.update(
+            malicious_clients=sorted(truth),
+            flagged_clients=sorted(clients),
+            flagged_malicious=len(clients & set(truth)),
+            flagged_honest=len(clients - set(truth)),
+        )
+    return report
 
 
 def _privacy(store: RunStore, run_id: str) -> dict[str, Any]:
@@ -419,7 +413,7 @@ def audit_run(
         "error_analysis": error_analysis,
         "privacy": _privacy(store, run_id),
         "rounds": rounds,
-        "flags": outlier_flags(store, run_id, stored_rounds),
+        "flags": outlier_flags(store, run_id),
         "baseline": baseline,
     }
     report["gates"] = check_gates(report, gates)

@@ -87,3 +87,13 @@ def test_scores_flag_a_flipped_update_among_honest_ones():
 def test_byzantine_bad_input(args, expected, tmp_path):
     result = CliRunner().invoke(app, ["run", *args, "--runs-dir", str(tmp_path)])
     assert result.exit_code == 2 and expected in result.stderr
+
+
+@pytest.mark.simulation
+def test_audit_shows_flags_against_the_ground_truth(byzantine_runs, byzantine_dir):
+    from audit.report import outlier_flags
+
+    flags = outlier_flags(RunStore(byzantine_dir), byzantine_runs["median"]["run_id"])
+    assert len(flags["malicious_clients"]) == 3
+    assert flags["flagged_malicious"] >= 2
+    assert flags["flagged_malicious"] + flags["flagged_honest"] == len(flags["flagged_clients"])
