@@ -18,8 +18,9 @@ from shared.errors import FedauditError
 
 EXIT_OK, EXIT_GATE_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+# Piped output gets a fixed, roomy width instead of rich's 80-column fallback.
+out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 140)
+err = Console(stderr=True, highlight=False, soft_wrap=True, width=None if sys.stderr.isatty() else 140)
 
 
 class _App(typer.Typer):
@@ -71,7 +72,8 @@ def _fmt(value: Any, digits: int = 4) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
-        return f"{value:.{digits}f}"
+        # A delta of 1e-05 must not print as 0.0000.
+        return f"{value:.{digits}f}" if value == 0 or abs(value) >= 10**-digits else f"{value:.3g}"
     return str(value)
 
 
@@ -476,6 +478,16 @@ def _print_audit(report: dict) -> None:
         out.print(f"baseline {b['run_id']}: accuracy {b['accuracy']:.4f}, drop {b['accuracy_drop']:+.4f}" + (f" ({b['note']})" if b["note"] else ""))
         out.print("classes hurt most (recall drop): " + ", ".join(f"{c['class']}: {c['recall_drop']:+.3f}" for c in ea["classes_hurt_most"][:5]))
     out.print(_table_of("privacy", [(k, p[k]) for k in ("epsilon", "delta", "client_epsilon", "accountant", "noise_multiplier") if k in p]))
+    if p.get("mia"):
+        mia = p["mia"]
+        table = Table(title=f"membership inference ({mia['members']} members vs {mia['nonmembers']} non-members; metrics on the test half)", title_justify="left")
+        for col in ("attack", "AUC", "TPR@1%FPR", "TPR@0.1%FPR", "advantage", "eps lower bound"):
+            table.add_column(col, justify="right")
+        for name, a in mia["attacks"].items():
+            table.add_row(name, _fmt(a["auc"]), _fmt(a["tpr_at_1pct_fpr"]), _fmt(a["tpr_at_0_1pct_fpr"]), _fmt(a["advantage"]), _fmt(a["epsilon_lower_bound"]))
+        out.print(table)
+        out.print(f"strongest attack: {mia['mia_attack']} (AUC {mia['mia_auc']:.4f}); empirical epsilon lower bound "
+                  f"{mia['empirical_epsilon_lower_bound']:.4f} ({mia['confidence']:.0%} confidence, delta {mia['delta']:g})", markup=False)
     if report.get("flags"):
         flags = report["flags"]
         per_client = ", ".join(f"client {c}: {n}" for c, n in flags["flagged_per_client"].items())
@@ -499,6 +511,8 @@ def audit_command(
     min_accuracy: Optional[float] = typer.Option(None, help="Gate: test accuracy >= this."),
     max_accuracy_drop: Optional[float] = typer.Option(None, help="Gate: baseline accuracy - this run's accuracy <= this (needs --baseline)."),
     min_robust_accuracy: Optional[float] = typer.Option(None, help="Gate: PGD accuracy at the strongest eps >= this."),
+    max_mia_auc: Optional[float] = typer.Option(None, help="Gate: AUC of the strongest membership-inference attack <= this."),
+    reference_models: int = typer.Option(2, "--reference-models", metavar="K", help="Reference models for the membership-inference reference attack (0 disables it)."),
     runs_dir: Optional[Path] = typer.Option(None, help=RUNS_DIR_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object to stdout."),
 ) -> None:
@@ -507,9 +521,11 @@ def audit_command(
     from audit.report import Gates, audit_run
     from shared.store import RunStore
 
-    gates = Gates(max_epsilon, min_accuracy, max_accuracy_drop, min_robust_accuracy).validate(baseline is not None)
+    gates = Gates(max_epsilon, min_accuracy, max_accuracy_drop, min_robust_accuracy, max_mia_auc).validate(baseline is not None)
+    if reference_models < 0:
+        raise FedauditError(f"--reference-models must be >= 0, got {reference_models}")
     _check_html_path(html_path)
-    report = audit_run(RunStore(runs_dir), run_id, baseline_id=baseline, gates=gates)
+    report = audit_run(RunStore(runs_dir), run_id, baseline_id=baseline, gates=gates, reference_models=reference_models)
     _write_report(html_path, audit_html, report)
     if as_json:
         _print_json(report)
