@@ -33,6 +33,7 @@ AUDIT_PLOTS = {
     "plot-confusion": "Confusion matrix on the test split",
     "plot-robustness": "Accuracy under Gaussian noise and under FGSM and PGD attacks",
     "plot-clients": "Accuracy on each client's validation split",
+    "mia-roc": "mia-roc",
 }
 COMPARE_PLOTS = {
     "plot-compare-accuracy": "Test accuracy per round, every run overlaid",
@@ -247,10 +248,55 @@ def _plot_clients(per_client: dict):
     return fig
 
 
+def _plot_mia_roc(mia: dict | None):
+    fig, ax = plt.subplots(figsize=(5.2, 4.2))
+    if not mia:
+        return _message(fig, ax, "no membership-inference result")
+    for i, (name, a) in enumerate(mia["attacks"].items()):
+        ax.plot(a["roc_fpr"], a["roc_tpr"], color=COLORS[i % len(COLORS)], label=f"{name} (AUC {a['auc']:.3f})")
+    ax.plot([1e-4, 1], [1e-4, 1], color="#57606a", linestyle=":", label="chance")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    n = min(a["n_nonmembers"] for a in mia["attacks"].values())
+    ax.set(xlim=(max(1e-3, 0.5 / n), 1), ylim=(max(1e-3, 0.5 / n), 1.05), xlabel="false positive rate", ylabel="true positive rate",
+           title="membership-inference ROC (test half, log-log)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, loc="lower right")
+    return fig
+
+
+def _mia_html(p: dict) -> str:
+    mia = p.get("mia")
+    parts = ["<h2>Membership inference</h2>"]
+    if not mia:
+        parts.append(f'<p class="note">{html.escape(p.get("mia_skipped") or "not run")}</p>')
+        parts.append(_img("mia-roc", AUDIT_PLOTS["mia-roc"], lambda: _plot_mia_roc(None)))
+        return "".join(parts)
+    parts.append(
+        f'<p class="note">Members: {mia["members"]} of the clients\' training records (seeded subsample); non-members: '
+        f'{mia["nonmembers"]} held-out records (server test split and clients\' validation splits). Each set is split 50/50 into a '
+        f'calibration half (thresholds) and a test half (metrics and counts). Reference attack: offline LiRA with '
+        f'{mia["reference_models"]} reference model(s) trained on non-members with the run\'s recipe. Bounds: Clopper-Pearson, '
+        f'{mia["confidence"]:.0%} confidence overall (Bonferroni over attacks), δ = {mia["delta"]:g}.</p>'
+    )
+    parts.append(_table(("attack", "AUC", "TPR @ 1% FPR", "TPR @ 0.1% FPR", "advantage", "ε lower bound"), [
+        (name, a["auc"], a["tpr_at_1pct_fpr"], a["tpr_at_0_1pct_fpr"], a["advantage"], a["epsilon_lower_bound"]) for name, a in mia["attacks"].items()
+    ]))
+    theoretical = p.get("epsilon") if p.get("epsilon") is not None else p.get("client_epsilon")
+    parts.append(_table(("", "ε"), [
+        ("theoretical (accountant, upper bound)", theoretical if theoretical is not None else "∞ (non-private)"),
+        (f"empirical lower bound ({mia['empirical_epsilon_attack']} attack)", mia["empirical_epsilon_lower_bound"]),
+    ]))
+    if theoretical is not None and mia["empirical_epsilon_lower_bound"] > theoretical:
+        parts.append('<p class="fail">The empirical lower bound exceeds the theoretical ε: the DP implementation or the audit has a bug.</p>')
+    parts.append(_img("mia-roc", AUDIT_PLOTS["mia-roc"], lambda: _plot_mia_roc(mia)))
+    return "".join(parts)
+
+
 # --------------------------------------------------------------------------- audit page
 def _gates_html(gates: list[dict]) -> str:
     if not gates:
-        return "<p class=\"note\">No gates requested (use --max-epsilon, --min-accuracy, --max-accuracy-drop, --min-robust-accuracy).</p>"
+        return "<p class=\"note\">No gates requested (use --max-epsilon, --min-accuracy, --max-accuracy-drop, --min-robust-accuracy, --max-mia-auc).</p>"
     head = "".join(f"<th>{h}</th>" for h in ("gate", "threshold", "measured", "result", "detail"))
     body = "".join(
         f"<tr><td>{html.escape(g['gate'])}</td><td>{html.escape(_fmt(g['threshold']))}</td><td>{html.escape(_fmt(g['measured']))}</td>"
@@ -350,8 +396,9 @@ def audit_html(report: dict) -> str:
     parts.append(_img("plot-epsilon", AUDIT_PLOTS["plot-epsilon"], lambda: _plot_epsilon(report["rounds"], p)))
     parts.append(_kv([(k, f"{v:g}" if k == "delta" and v else v) for k, v in p.items() if not isinstance(v, (dict, list))]))
     for key, value in p.items():
-        if isinstance(value, dict):
+        if isinstance(value, dict) and key != "mia":
             parts.append(f"<p>{html.escape(key)}:</p>" + _kv(value.items()))
+    parts.append(_mia_html(p))
     if report.get("flags") is not None:
         flags = report["flags"]
         parts.append("<h2>Outlier flags (client updates flagged by the server)</h2>")

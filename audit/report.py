@@ -13,7 +13,9 @@ Report layout (``audit_run``)::
             expected_calibration_error, per_client{...}, generalisation{...}, efficiency{...}}
     robustness{clean_accuracy, noise[], fgsm[], pgd[], strongest_pgd{}, parameters{}}
     error_analysis{most_confused[], classes_hurt_most[] | None}
-    privacy{epsilon, delta, client_epsilon, accountant, ...}
+    privacy{epsilon, delta, client_epsilon, accountant, ...,
+            mia_auc, mia_tpr_at_1pct_fpr, mia_tpr_at_0_1pct_fpr, empirical_epsilon_lower_bound,
+            mia{attacks{loss, confidence, reference}, ...}}   (see audit.mia)
     rounds[], flags, baseline{...} | None, gates[], gates_passed
 """
 
@@ -30,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from audit import mia as mia_attacks
 from audit import robustness as rb
 from audit.metrics import client_accuracy_summary, most_confused_pairs, per_class_drop, utility_report
 from shared.config import RunConfig
@@ -107,11 +110,12 @@ class Gates:
     min_accuracy: float | None = None
     max_accuracy_drop: float | None = None
     min_robust_accuracy: float | None = None
+    max_mia_auc: float | None = None
 
     def validate(self, has_baseline: bool) -> Gates:
         if self.max_epsilon is not None and not self.max_epsilon > 0:
             raise BadInput(f"--max-epsilon must be > 0, got {self.max_epsilon:g}")
-        for flag, value in (("--min-accuracy", self.min_accuracy), ("--min-robust-accuracy", self.min_robust_accuracy)):
+        for flag, value in (("--min-accuracy", self.min_accuracy), ("--min-robust-accuracy", self.min_robust_accuracy), ("--max-mia-auc", self.max_mia_auc)):
             if value is not None and not 0.0 <= value <= 1.0:
                 raise BadInput(f"{flag} must be in [0, 1], got {value:g}")
         if self.max_accuracy_drop is not None:
@@ -128,6 +132,7 @@ def check_gates(report: dict, gates: Gates) -> list[dict]:
     ``max_epsilon`` is checked against every privacy unit the run reports (sample- and
     client-level); a non-private run has unbounded epsilon and fails it.
     ``min_robust_accuracy`` is checked on PGD accuracy at the largest eps.
+    ``max_mia_auc`` is checked on the AUC of the strongest membership-inference attack.
     """
     results = []
 
@@ -154,6 +159,14 @@ def check_gates(report: dict, gates: Gates) -> list[dict]:
         acc = strongest["accuracy"]
         add("min-robust-accuracy", gates.min_robust_accuracy, acc, acc >= gates.min_robust_accuracy,
             f"PGD accuracy at the strongest eps ({strongest['eps']:g} of each feature's range) must be >= {gates.min_robust_accuracy:g}")
+    if gates.max_mia_auc is not None:
+        auc = report["privacy"].get("mia_auc")
+        if auc is None:
+            add("max-mia-auc", gates.max_mia_auc, None, False, "no membership-inference result (too few non-member records)")
+        else:
+            attack = report["privacy"].get("mia", {}).get("mia_attack", "strongest")
+            add("max-mia-auc", gates.max_mia_auc, auc, auc <= gates.max_mia_auc,
+                f"membership-inference AUC of the strongest attack ({attack}) must be <= {gates.max_mia_auc:g}")
     return results
 
 
@@ -274,6 +287,19 @@ def _privacy(store: RunStore, run_id: str) -> dict[str, Any]:
     }
 
 
+MIA_KEYS = ("mia_auc", "mia_tpr_at_1pct_fpr", "mia_tpr_at_0_1pct_fpr", "empirical_epsilon_lower_bound")
+
+
+def _with_mia(privacy: dict[str, Any], run: StoredRun, reference_models: int) -> dict[str, Any]:
+    """Add the membership-inference headline numbers and the full result to ``privacy``."""
+    x_m, y_m, x_n, y_n = mia_attacks.run_records(run)
+    if min(len(y_m), len(y_n)) < 4:
+        return {**privacy, **{k: None for k in MIA_KEYS}, "mia": None,
+                "mia_skipped": f"membership inference needs >= 4 members and non-members, got {len(y_m)} and {len(y_n)}"}
+    result = mia_attacks.audit_membership(run, privacy.get("delta"), reference_models)
+    return {**privacy, **{k: result[k] for k in MIA_KEYS}, "mia": result}
+
+
 ROUND_KEYS = ("round", "accuracy", "loss", "federated_accuracy", "epsilon", "client_epsilon", "participants", "seconds", "model_sha256")
 
 
@@ -330,6 +356,7 @@ def audit_run(
     eps: tuple[float, ...] = rb.DEFAULT_EPS,
     pgd_steps: int = rb.DEFAULT_PGD_STEPS,
     max_robustness_records: int = MAX_ROBUSTNESS_RECORDS,
+    reference_models: int = mia_attacks.DEFAULT_REFERENCE_MODELS,
 ) -> dict[str, Any]:
     """Audit a stored run's final model: utility, robustness, errors, privacy, gates.
 
@@ -345,6 +372,9 @@ def audit_run(
         Thresholds; validated here too (``max_accuracy_drop`` needs ``baseline_id``).
     noise_levels, eps, pgd_steps, max_robustness_records
         Robustness settings (see :mod:`audit.robustness`).
+    reference_models : int, default=2
+        Reference models of the membership-inference reference attack (see
+        :mod:`audit.mia`); 0 runs only the loss and confidence attacks.
 
     Returns
     -------
@@ -353,6 +383,8 @@ def audit_run(
         (vacuously True with none).
     """
     gates = (gates or Gates()).validate(baseline_id is not None)
+    if isinstance(reference_models, bool) or not isinstance(reference_models, int) or reference_models < 0:
+        raise BadInput(f"--reference-models must be an integer >= 0, got {reference_models!r}")
     run = load_run(store, run_id)
     base = load_run(store, baseline_id) if baseline_id is not None else None
     data = run.data
@@ -411,7 +443,7 @@ def audit_run(
         "utility": utility,
         "robustness": robustness,
         "error_analysis": error_analysis,
-        "privacy": _privacy(store, run_id),
+        "privacy": _with_mia(_privacy(store, run_id), run, reference_models),
         "rounds": rounds,
         "flags": outlier_flags(store, run_id),
         "baseline": baseline,
@@ -433,7 +465,8 @@ def _flatten_numbers(prefix: str, value: Any, out: dict[str, Any]) -> None:
 # privacy.* keys shown by name in the comparison; any other number under privacy.*
 # (an empirical privacy estimate, say) is added after them automatically.
 PRIVACY_KEYS = ("epsilon", "epsilon_rdp", "client_epsilon", "delta", "noise_multiplier", "client_noise_multiplier")
-PRIVACY_SKIP = {"max_epsilon", "budget_left", "max_grad_norm"}
+# The full membership-inference result is skipped: its headline numbers are top-level keys.
+PRIVACY_SKIP = {"max_epsilon", "budget_left", "max_grad_norm", "mia"}
 
 
 def comparison_metrics(report: dict) -> dict[str, Any]:
