@@ -70,7 +70,7 @@ def test_unknown_run_for_show(tmp_path):
     assert result.stderr.strip().startswith("error: no runs stored")
 
 
-@pytest.mark.parametrize("command", ["run", "runs", "show", "demo"])
+@pytest.mark.parametrize("command", ["run", "runs", "show", "demo", "budget", "verify", "audit", "compare", "sweep", "keys init"])
 def test_every_command_has_help(command):
-    result = CliRunner().invoke(app, [command, "--help"])
+    result = CliRunner().invoke(app, [*command.split(), "--help"])
     assert result.exit_code == 0 and "Usage" in result.output
