@@ -64,7 +64,8 @@ class ClientLevelDP(Strategy):
         self.update_norms[server_round] = norms
         rng = np.random.default_rng([self.seed, server_round, 0xC11E])
         std = self.noise_multiplier * self.clip
-        return {k: ((t + rng.normal(0.0, std, size=t.shape)) / self.denominator).astype(self.current[k].dtype) for k, t in total.items()}
+        # np.asarray: arithmetic on a 0-d array yields a numpy scalar, which Flower's Array refuses.
+        return {k: np.asarray((t + rng.normal(0.0, std, size=t.shape)) / self.denominator, dtype=self.current[k].dtype) for k, t in total.items()}
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         assert self.current is not None, "configure_train must run first"
@@ -75,7 +76,7 @@ class ClientLevelDP(Strategy):
             new = {k: v.numpy() for k, v in reply.content[ARRAYS_KEY].items()}
             updates.append({k: new[k].astype(np.float64) - self.current[k] for k in self.current})
         mean_update = self.noised_mean_update(server_round, updates)
-        noised = {k: (self.current[k] + mean_update[k]).astype(self.current[k].dtype) for k in self.current}
+        noised = {k: np.asarray(self.current[k] + mean_update[k], dtype=self.current[k].dtype) for k in self.current}
         # Even a round where nobody was sampled releases a (pure-noise) model: the
         # accountant counts every round, so the mechanism must run every round.
         synthetic = Message(
