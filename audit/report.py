@@ -21,7 +21,6 @@ Report layout (``audit_run``)::
 
 from __future__ import annotations
 
-import dataclasses
 import statistics
 import time
 from dataclasses import dataclass
@@ -69,12 +68,6 @@ class StoredRun:
         return prepare(self.spec)
 
 
-def _config(record: RunRecord) -> RunConfig:
-    known = {f.name for f in dataclasses.fields(RunConfig)}
-    values = {k.replace("-", "_"): v for k, v in record.config.items()}
-    return RunConfig(**{k: v for k, v in values.items() if k in known})
-
-
 def load_run(store: RunStore, run_id: str) -> StoredRun:
     """The run's record, config, data spec and final model (``model.safetensors``).
 
@@ -90,7 +83,7 @@ def load_run(store: RunStore, run_id: str) -> StoredRun:
     if not model_path.exists() or not info_path.exists():
         raise BadInput(f"run {run_id} has no final model in {run_dir} (status {record.status})")
     info = json.loads(info_path.read_text())
-    config = _config(record)
+    config = RunConfig.from_stored(record.config)
     model = build_model(info["model"], info["num_features"], info["num_classes"], info.get("image_side"))
     weights = load_file(model_path)
     try:

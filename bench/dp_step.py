@@ -192,6 +192,25 @@ class _FuncVmapDP:
         self.optimizer.step()
 
 
+def _with_model(train_model, opt, crit, model):
+    """(step_fn, model, parts_fn) for one training step of ``train_model`` with ``opt``."""
+
+    def step(xb, yb):
+        opt.zero_grad(set_to_none=True)
+        crit(train_model(xb), yb).backward()
+        opt.step()
+
+    def parts(xb, yb):
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        crit(train_model(xb), yb).backward()
+        t1 = time.perf_counter()
+        opt.step()
+        return t1 - t0, time.perf_counter() - t1
+
+    return step, model, parts
+
+
 def _make_step(name: str, mode: str | None, batch: int, seed: int, noise: float, clip: float, X, y):
     """Return (step_fn, model, parts_fn): step_fn(xb, yb) performs one full training step;
     parts_fn(xb, yb) does the same and returns (zero_grad+fwd+bwd seconds, optimizer.step seconds).
@@ -209,21 +228,7 @@ def _make_step(name: str, mode: str | None, batch: int, seed: int, noise: float,
     crit = torch.nn.CrossEntropyLoss()
 
     if mode is None:
-        def step(xb, yb):
-            opt.zero_grad(set_to_none=True)
-            loss = crit(model(xb), yb)
-            loss.backward()
-            opt.step()
-
-        def parts(xb, yb):
-            t0 = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
-            crit(model(xb), yb).backward()
-            t1 = time.perf_counter()
-            opt.step()
-            return t1 - t0, time.perf_counter() - t1
-
-        return step, model, parts
+        return _with_model(model, opt, crit, model)
 
     if mode == REFERENCE_MODE:
         ref = _FuncVmapDP(model, opt, noise, clip, batch)
@@ -256,21 +261,7 @@ def _make_step(name: str, mode: str | None, batch: int, seed: int, noise: float,
     if dp_opt.expected_batch_size != batch:
         raise RuntimeError(f"expected_batch_size {dp_opt.expected_batch_size} != {batch}")
 
-    def step(xb, yb):
-        dp_opt.zero_grad(set_to_none=True)
-        loss = dp_crit(dp_model(xb), yb)
-        loss.backward()
-        dp_opt.step()
-
-    def parts(xb, yb):
-        t0 = time.perf_counter()
-        dp_opt.zero_grad(set_to_none=True)
-        dp_crit(dp_model(xb), yb).backward()
-        t1 = time.perf_counter()
-        dp_opt.step()
-        return t1 - t0, time.perf_counter() - t1
-
-    return step, model, parts
+    return _with_model(dp_model, dp_opt, dp_crit, model)
 
 
 def _grads(model):

@@ -144,7 +144,7 @@ def prepare_resume(run_id: str, runs_dir: str | Path | None) -> ServerJob:
     record = store.get_run(run_id)
     if record.status in ("completed", "budget-exhausted"):
         raise BadInput(f"run {run_id} already ended with status {record.status}; nothing to resume")
-    config = RunConfig(**{k.replace("-", "_"): v for k, v in record.config.items()}).validate()
+    config = RunConfig.from_stored(record.config).validate()
     last = store.last_checkpointed_round(run_id)
     while last and not (store.run_dir(run_id) / "checkpoints" / f"round-{last:04d}.safetensors").exists():
         last -= 1

@@ -83,6 +83,13 @@ class RunConfig:
     def to_toml_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.to_dict().items() if v is not None}
 
+    @classmethod
+    def from_stored(cls, stored: dict[str, Any]) -> RunConfig:
+        """Rebuild a config saved with :meth:`to_dict` (keys unknown to this version are ignored)."""
+        known = {f.name for f in fields(cls)}
+        values = {k.replace("-", "_"): v for k, v in stored.items()}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
 
