@@ -122,6 +122,8 @@ def run(
     aggregator: Optional[str] = typer.Option(None, help="fedavg, median, trimmed-mean, krum, multikrum or bulyan (Flower's strategies)."),
     encrypt: Optional[bool] = typer.Option(None, "--encrypt/--no-encrypt", help="Seal every model payload with AES-256-GCM (default: on)."),
     min_replies: Optional[int] = typer.Option(None, help="Fewest valid client replies a round needs; fewer stops the run as failed."),
+    canaries: Optional[int] = typer.Option(None, help="One-run audit: M mislabelled held-out canaries, each included with probability 1/2 in a random client's data."),
+    canary_clients: Optional[int] = typer.Option(None, help="Client-level audit (needs --client-dp): add M canary clients that send random updates of norm C."),
     keys: Optional[Path] = typer.Option(None, "--keys", help="Key directory from `fedaudit keys init` (default: fresh keys in the run folder)."),
     keys_passphrase_env: Optional[str] = typer.Option(None, help="Environment variable holding the private keys' passphrase."),
     resume: Optional[str] = typer.Option(None, "--resume", metavar="RUN_ID", help="Continue an interrupted run from its last checkpoint."),
@@ -488,6 +490,17 @@ def _print_audit(report: dict) -> None:
         out.print(table)
         out.print(f"strongest attack: {mia['mia_attack']} (AUC {mia['mia_auc']:.4f}); empirical epsilon lower bound "
                   f"{mia['empirical_epsilon_lower_bound']:.4f} ({mia['confidence']:.0%} confidence, delta {mia['delta']:g})", markup=False)
+    if p.get("canary_audit"):
+        ca = p["canary_audit"]
+        out.print(f"canary audit: {ca['m']} canaries ({ca['included']} included), {ca['r']} guesses, {ca['v']} correct: epsilon lower bound "
+                  f"{ca['epsilon_lower_bound']:.4f}" + (f" ({ca['confidence']:.0%} confidence)" if ca["valid"] else " (SCANNED: not a valid bound)")
+                  + f"; theoretical epsilon of the holders {_fmt(ca['theoretical_epsilon'])}", markup=False)
+    if p.get("client_canary_audit"):
+        cc = p["client_canary_audit"]
+        out.print(f"canary clients: {cc['canary_clients']} inserted vs {cc['unobserved']} unobserved directions: epsilon estimate "
+                  f"{_fmt(cc['epsilon_estimate'])} (Gaussian fit, not a bound); client-level theoretical epsilon {_fmt(cc['theoretical_epsilon'])}", markup=False)
+    if p.get("empirical_epsilon_lower_bound") is not None:
+        out.print(f"best valid empirical epsilon lower bound: {p['empirical_epsilon_lower_bound']:.4f} from {p.get('empirical_epsilon_source')}", markup=False)
     if report.get("flags"):
         flags = report["flags"]
         per_client = ", ".join(f"client {c}: {n}" for c, n in flags["flagged_per_client"].items())
@@ -513,6 +526,7 @@ def audit_command(
     min_robust_accuracy: Optional[float] = typer.Option(None, help="Gate: PGD accuracy at the strongest eps >= this."),
     max_mia_auc: Optional[float] = typer.Option(None, help="Gate: AUC of the strongest membership-inference attack <= this."),
     reference_models: int = typer.Option(2, "--reference-models", metavar="K", help="Reference models for the membership-inference reference attack (0 disables it)."),
+    canary_scan: bool = typer.Option(False, "--canary-scan", help="Canary audit: scan (k+, k-) for the best guesses; flagged, and not a valid bound."),
     runs_dir: Optional[Path] = typer.Option(None, help=RUNS_DIR_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object to stdout."),
 ) -> None:
@@ -525,7 +539,7 @@ def audit_command(
     if reference_models < 0:
         raise FedauditError(f"--reference-models must be >= 0, got {reference_models}")
     _check_html_path(html_path)
-    report = audit_run(RunStore(runs_dir), run_id, baseline_id=baseline, gates=gates, reference_models=reference_models)
+    report = audit_run(RunStore(runs_dir), run_id, baseline_id=baseline, gates=gates, reference_models=reference_models, canary_scan=canary_scan)
     _write_report(html_path, audit_html, report)
     if as_json:
         _print_json(report)

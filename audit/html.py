@@ -34,6 +34,8 @@ AUDIT_PLOTS = {
     "plot-robustness": "Accuracy under Gaussian noise and under FGSM and PGD attacks",
     "plot-clients": "Accuracy on each client's validation split",
     "mia-roc": "mia-roc",
+    "plot-canary-scores": "Canary scores on the final model: included against excluded canaries",
+    "plot-canary-cosines": "Cosines of the final model change with inserted and unobserved canary-client directions",
 }
 COMPARE_PLOTS = {
     "plot-compare-accuracy": "Test accuracy per round, every run overlaid",
@@ -293,6 +295,63 @@ def _mia_html(p: dict) -> str:
     return "".join(parts)
 
 
+def _plot_histogram(histogram: dict | None, groups: tuple[str, str], xlabel: str, title: str, empty: str):
+    fig, ax = plt.subplots(figsize=(6.4, 3.4))
+    if not histogram:
+        return _message(fig, ax, empty)
+    edges = histogram["edges"]
+    width = edges[1] - edges[0]
+    for i, name in enumerate(groups):
+        # Each group as a share of its own size: the groups can differ 100-fold in size.
+        total = max(1, sum(histogram[name]))
+        ax.bar(edges[:-1], [c / total for c in histogram[name]], width=width, align="edge", alpha=0.55, color=COLORS[i], label=f"{name} ({sum(histogram[name])})")
+    ax.set(xlabel=xlabel, ylabel="share of the group", title=title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    return fig
+
+
+def _canary_html(p: dict) -> str:
+    ca, cc = p.get("canary_audit"), p.get("client_canary_audit")
+    parts = ["<h2>Canary audits</h2>"]
+    rows = []
+    theoretical = p.get("epsilon") if p.get("epsilon") is not None else p.get("client_epsilon")
+    rows.append((f"theoretical ε ({p.get('accountant') or 'no accountant'})", theoretical if theoretical is not None else "∞ (non-private)"))
+    if p.get("mia"):
+        rows.append(("membership inference, lower bound", p["mia"]["empirical_epsilon_lower_bound"]))
+    if ca:
+        rows.append((f"one-run canary audit, lower bound{'' if ca['valid'] else ' (scanned: not valid)'}", ca["epsilon_lower_bound"]))
+    if cc:
+        rows.append(("canary clients, estimate (not a bound)", cc["epsilon_estimate"]))
+    if p.get("empirical_epsilon_lower_bound") is not None:
+        rows.append((f"best valid lower bound ({p.get('empirical_epsilon_source')})", p["empirical_epsilon_lower_bound"]))
+    parts.append(_table(("", "ε"), rows))
+    if ca:
+        parts.append(
+            f'<p class="note">One-run audit (Steinke, Nasr and Jagielski 2023): {ca["m"]} canaries, {ca["included"]} included; '
+            f'{ca["r"]} guesses (k+ = {ca["k_plus"]}, k− = {ca["k_minus"]}, {html.escape(ca["guesses"])}), {ca["v"]} correct; '
+            f'ε lower bound {_fmt(ca["epsilon_lower_bound"])} at {ca["confidence"]:.0%} confidence, δ = {ca["delta"]:g}. '
+            f'Theoretical ε of the clients holding canaries: {_fmt(ca["theoretical_epsilon"]) if ca["theoretical_epsilon"] is not None else "∞ (non-private)"}.</p>'
+        )
+        if ca["theoretical_epsilon"] is not None and ca["valid"] and ca["epsilon_lower_bound"] > ca["theoretical_epsilon"]:
+            parts.append('<p class="fail">The canary lower bound exceeds the theoretical ε: the DP implementation or the audit has a bug.</p>')
+    else:
+        parts.append('<p class="note">No sample-level canaries in this run (train with <code>fedaudit run --canaries M</code>).</p>')
+    parts.append(_img("plot-canary-scores", AUDIT_PLOTS["plot-canary-scores"], lambda: _plot_histogram(
+        ca and ca["histogram"], ("included", "excluded"), "log(p / (1 - p)) of the canary label", "canary scores", "no canaries in this run")))
+    if cc:
+        parts.append(
+            f'<p class="note">Canary clients (Andrew et al. 2023): {cc["canary_clients"]} inserted, {cc["unobserved"]} unobserved directions; '
+            f'mean cosine {cc["mean_observed"]:.4f} against {cc["mean_unobserved"]:.4f} (pooled std {cc["std_pooled"]:.4f}); '
+            f'ε estimate {_fmt(cc["epsilon_estimate"])} at δ = {cc["delta"]:g}, next to the client-level theoretical ε {_fmt(cc["theoretical_epsilon"])}.</p>'
+        )
+    else:
+        parts.append('<p class="note">No canary clients in this run (client-level DP runs: <code>fedaudit run --client-dp --canary-clients M</code>).</p>')
+    parts.append(_img("plot-canary-cosines", AUDIT_PLOTS["plot-canary-cosines"], lambda: _plot_histogram(
+        cc and cc["histogram"], ("inserted", "unobserved"), "cosine with the final model change", "canary-client cosines", "no canary clients in this run")))
+    return "".join(parts)
+
+
 # --------------------------------------------------------------------------- audit page
 def _gates_html(gates: list[dict]) -> str:
     if not gates:
@@ -396,9 +455,10 @@ def audit_html(report: dict) -> str:
     parts.append(_img("plot-epsilon", AUDIT_PLOTS["plot-epsilon"], lambda: _plot_epsilon(report["rounds"], p)))
     parts.append(_kv([(k, f"{v:g}" if k == "delta" and v else v) for k, v in p.items() if not isinstance(v, (dict, list))]))
     for key, value in p.items():
-        if isinstance(value, dict) and key != "mia":
+        if isinstance(value, dict) and key not in ("mia", "canary_audit", "client_canary_audit"):
             parts.append(f"<p>{html.escape(key)}:</p>" + _kv(value.items()))
     parts.append(_mia_html(p))
+    parts.append(_canary_html(p))
     if report.get("flags") is not None:
         flags = report["flags"]
         parts.append("<h2>Outlier flags (client updates flagged by the server)</h2>")

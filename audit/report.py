@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from audit import canary
 from audit import mia as mia_attacks
 from audit import robustness as rb
 from audit.metrics import client_accuracy_summary, most_confused_pairs, per_class_drop, utility_report
@@ -290,7 +291,20 @@ def _with_mia(privacy: dict[str, Any], run: StoredRun, reference_models: int) ->
         return {**privacy, **{k: None for k in MIA_KEYS}, "mia": None,
                 "mia_skipped": f"membership inference needs >= 4 members and non-members, got {len(y_m)} and {len(y_n)}"}
     result = mia_attacks.audit_membership(run, privacy.get("delta"), reference_models)
-    return {**privacy, **{k: result[k] for k in MIA_KEYS}, "mia": result}
+    return {**privacy, **{k: result[k] for k in MIA_KEYS}, "mia": result, "empirical_epsilon_source": f"membership inference ({result['empirical_epsilon_attack']} attack)"}
+
+
+def _with_canaries(privacy: dict[str, Any], run: StoredRun, store: RunStore, canary_scan: bool) -> dict[str, Any]:
+    """Add the canary audits; the headline lower bound becomes the best *valid* bound."""
+    sample = canary.sample_canary_audit(run, store, privacy.get("delta"), scan=canary_scan)
+    clients = canary.client_canary_audit(run, store, privacy.get("delta"))
+    out = {**privacy, "canary_audit": sample, "client_canary_audit": clients}
+    if sample is not None and sample["valid"]:
+        best = privacy.get("empirical_epsilon_lower_bound")
+        if best is None or sample["epsilon_lower_bound"] > best:
+            out["empirical_epsilon_lower_bound"] = sample["epsilon_lower_bound"]
+            out["empirical_epsilon_source"] = "one-run canary audit"
+    return out
 
 
 ROUND_KEYS = ("round", "accuracy", "loss", "federated_accuracy", "epsilon", "client_epsilon", "participants", "seconds", "model_sha256")
@@ -350,6 +364,7 @@ def audit_run(
     pgd_steps: int = rb.DEFAULT_PGD_STEPS,
     max_robustness_records: int = MAX_ROBUSTNESS_RECORDS,
     reference_models: int = mia_attacks.DEFAULT_REFERENCE_MODELS,
+    canary_scan: bool = False,
 ) -> dict[str, Any]:
     """Audit a stored run's final model: utility, robustness, errors, privacy, gates.
 
@@ -368,6 +383,9 @@ def audit_run(
     reference_models : int, default=2
         Reference models of the membership-inference reference attack (see
         :mod:`audit.mia`); 0 runs only the loss and confidence attacks.
+    canary_scan : bool, default=False
+        For a run with ``--canaries``: scan (k+, k-) and report the best guess count.
+        The result is flagged as scanned and does not count as a valid lower bound.
 
     Returns
     -------
@@ -436,7 +454,7 @@ def audit_run(
         "utility": utility,
         "robustness": robustness,
         "error_analysis": error_analysis,
-        "privacy": _with_mia(_privacy(store, run_id), run, reference_models),
+        "privacy": _with_canaries(_with_mia(_privacy(store, run_id), run, reference_models), run, store, canary_scan),
         "rounds": rounds,
         "flags": outlier_flags(store, run_id),
         "baseline": baseline,
@@ -460,6 +478,9 @@ def _flatten_numbers(prefix: str, value: Any, out: dict[str, Any]) -> None:
 PRIVACY_KEYS = ("epsilon", "epsilon_rdp", "client_epsilon", "delta", "noise_multiplier", "client_noise_multiplier")
 # The full membership-inference result is skipped: its headline numbers are top-level keys.
 PRIVACY_SKIP = {"max_epsilon", "budget_left", "max_grad_norm", "mia"}
+# From the canary audits only these numbers are compared (not bins or internals).
+CANARY_COMPARED = {"canary_audit": ("epsilon_lower_bound", "theoretical_epsilon", "m", "r", "v"),
+                   "client_canary_audit": ("epsilon_estimate", "theoretical_epsilon", "canary_clients")}
 
 
 def comparison_metrics(report: dict) -> dict[str, Any]:
@@ -487,7 +508,10 @@ def comparison_metrics(report: dict) -> dict[str, Any]:
         row[f"privacy.{key}"] = p.get(key)
     extra: dict[str, Any] = {}
     for key, value in p.items():
-        if key not in PRIVACY_KEYS and key not in PRIVACY_SKIP:
+        if key in CANARY_COMPARED:
+            for name in CANARY_COMPARED[key]:
+                extra[f"privacy.{key}.{name}"] = (value or {}).get(name)
+        elif key not in PRIVACY_KEYS and key not in PRIVACY_SKIP:
             _flatten_numbers(f"privacy.{key}", value, extra)
     row.update(extra)
     row["rounds"] = sum(1 for x in report["rounds"] if x["accuracy"] is not None)

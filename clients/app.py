@@ -14,22 +14,22 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from clients.attacks import corrupt_update, flip_labels  # noqa: E402
 from clients.encryption import encryption_mod  # noqa: E402
 from clients.training import GRAD_SAMPLE_MODE, DPSettings, train_local  # noqa: E402
 from shared import privacy  # noqa: E402
+from shared.canaries import CanarySecret, canary_direction, load_secret  # noqa: E402
 from shared.evaluation import evaluate  # noqa: E402
-from shared.data import client_data, label_histogram, prepare  # noqa: E402
+from shared.data import ClientData, client_data, label_histogram, prepare  # noqa: E402
 from shared.models import build_model  # noqa: E402
 from shared.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES, PARTITION_ID, spec_from_record  # noqa: E402
 from shared.weights import load_numpy, state_to_numpy  # noqa: E402
 
 LEDGER_KEY = "privacy-ledger"
-
-# Mods are captured when each handler is registered: keep this before the decorators.
-app = ClientApp(mods=[encryption_mod])
+CANARY_KEY = "canary"
 
 
 def partition_id(context: Context) -> int:
@@ -65,12 +65,30 @@ def _reply(msg: Message, metrics: dict, arrays: ArrayRecord | None = None) -> Me
     return Message(content=content, reply_to=msg)
 
 
-@app.query()
-def describe(msg: Message, context: Context) -> Message:
+def is_canary_client(spec, pid: int) -> bool:
+    """Nodes past the real clients are canary clients (``--canary-clients``)."""
+    return pid >= spec.num_clients
+
+
+def training_data(spec, pid: int, canaries: CanarySecret | None) -> tuple[ClientData, int]:
+    """The client's records plus the canaries it holds (training only, never validation)."""
+    data = client_data(spec, pid)
+    held = canaries.held_by(pid) if canaries is not None and spec.canaries else []
+    if not held:
+        return data, 0
+    pool = prepare(spec)
+    x = np.concatenate([data.x_train, pool.canary_x[held]])
+    y = np.concatenate([data.y_train, pool.canary_y[held]])
+    return ClientData(x, y, data.x_val, data.y_val), len(held)
+
+
+def describe(msg: Message, context: Context, canaries: CanarySecret | None = None) -> Message:
     """Tell the server who this node is and how much data it holds."""
     config = msg.content[CONFIG_KEY]
     spec = spec_from_record(config)
     pid = partition_id(context)
+    if is_canary_client(spec, pid):
+        return _reply(msg, {PARTITION_ID: pid, NUM_EXAMPLES: 0, "num-val": 0, "label-histogram": [0], "ledger-steps": 0, CANARY_KEY: 1})
     data = client_data(spec, pid)
     meta = prepare(spec).meta
     return _reply(
@@ -85,7 +103,6 @@ def describe(msg: Message, context: Context) -> Message:
     )
 
 
-@app.query("restore_ledger")
 def restore_ledger(msg: Message, context: Context) -> Message:
     """Resume: a fresh node takes back the spend it made before the run was interrupted."""
     record = msg.content[CONFIG_KEY]
@@ -120,12 +137,24 @@ def _refusal(msg: Message, pid: int, ledger, delta: float, cap: float) -> Messag
     )
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
+def canary_update(msg: Message, pid: int, spec, canaries: CanarySecret | None, clip: float) -> Message:
+    """A canary client's reply: the global model moved by C along its secret direction."""
+    if canaries is None:
+        raise RuntimeError(f"node {pid} is a canary client but this ClientApp holds no canary secret")
+    global_weights = _arrays(msg)
+    direction = canary_direction(canaries.direction_seed, pid - spec.num_clients, {k: v.shape for k, v in global_weights.items()})
+    sent = {k: (w + clip * direction[k]).astype(w.dtype) for k, w in global_weights.items()}
+    metrics = {NUM_EXAMPLES: 1, "train-loss": 0.0, PARTITION_ID: pid, "refused": 0, CANARY_KEY: 1}
+    return _reply(msg, metrics, ArrayRecord({k: Array(np.asarray(v)) for k, v in sent.items()}))
+
+
+def train(msg: Message, context: Context, canaries: CanarySecret | None = None) -> Message:
     config = msg.content[CONFIG_KEY]
     spec = spec_from_record(config)
     pid = partition_id(context)
-    data = client_data(spec, pid)
+    if is_canary_client(spec, pid):
+        return canary_update(msg, pid, spec, canaries, float(config["client-clip"]))
+    data, held = training_data(spec, pid, canaries)
     delta = float(config["delta"])
     cap = float(config.get("max-epsilon", 0.0))
     if config["dp"] and cap > 0:
@@ -165,7 +194,9 @@ def train(msg: Message, context: Context) -> Message:
             seed=int(config["data.seed"]) * 1_000_003 + round_ * 10_007 + pid,
         )
 
-    metrics = {NUM_EXAMPLES: result.num_examples, "train-loss": result.loss, PARTITION_ID: pid, "refused": 0}
+    # Canaries do not count in the reported size: it would tell the server how many a
+    # client holds. (Its sample rate still moves with them, by at most a step of 1/B.)
+    metrics = {NUM_EXAMPLES: result.num_examples - held, "train-loss": result.loss, PARTITION_ID: pid, "refused": 0}
     if dp is not None:
         ledger = read_ledger(context) + [(dp.noise_multiplier, result.sample_rate, result.steps)]
         write_ledger(context, ledger)
@@ -188,13 +219,49 @@ def _arrays(msg: Message) -> dict:
     return {k: v.numpy() for k, v in msg.content[ARRAYS_KEY].items()}
 
 
-@app.evaluate()
-def evaluate_local(msg: Message, context: Context) -> Message:
+def evaluate_local(msg: Message, context: Context, canaries: CanarySecret | None = None) -> Message:
     config = msg.content[CONFIG_KEY]
     spec = spec_from_record(config)
     pid = partition_id(context)
+    if is_canary_client(spec, pid):
+        return _reply(msg, {NUM_EXAMPLES: 0, "loss": 0.0, "accuracy": 0.0, PARTITION_ID: pid, CANARY_KEY: 1})
     data = client_data(spec, pid)
     _, model = _model_for(config, prepare(spec).meta)
     load_numpy(model, _arrays(msg))
     loss, accuracy = evaluate(model, data.x_val, data.y_val)
     return _reply(msg, {NUM_EXAMPLES: len(data.y_val), "loss": loss, "accuracy": accuracy, PARTITION_ID: pid})
+
+
+def build_app(canaries_file: str | None = None) -> ClientApp:
+    """fedaudit's ClientApp; with ``canaries_file``, it plays the run's canaries.
+
+    The canary secret is read from the run store by the client side only: it never
+    travels in a message, so the server cannot tell which canaries were included.
+    """
+    secret: list[CanarySecret | None] = []
+
+    def canaries() -> CanarySecret | None:
+        if not secret:
+            secret.append(load_secret(canaries_file) if canaries_file else None)
+        return secret[0]
+
+    client_app = ClientApp(mods=[encryption_mod])
+
+    @client_app.query()
+    def _describe(msg: Message, context: Context) -> Message:
+        return describe(msg, context, canaries())
+
+    client_app.query("restore_ledger")(restore_ledger)
+
+    @client_app.train()
+    def _train(msg: Message, context: Context) -> Message:
+        return train(msg, context, canaries())
+
+    @client_app.evaluate()
+    def _evaluate(msg: Message, context: Context) -> Message:
+        return evaluate_local(msg, context, canaries())
+
+    return client_app
+
+
+app = build_app()

@@ -43,6 +43,7 @@ def job_from_run_config(run_config: dict) -> ServerJob:
     """Build a job from ``[tool.flwr.app.config]`` values (the ``flwr run`` path)."""
     from server.runner import prepare_run
     from shared.config import resolve
+    from shared.errors import BadInput
 
     runs_dir = run_config.pop("runs-dir", None) or None
     settings = {k.replace("-", "_"): v for k, v in run_config.items()}
@@ -52,6 +53,10 @@ def job_from_run_config(run_config: dict) -> ServerJob:
     if settings.get("delta") == 0.0:
         settings["delta"] = None
     config = resolve(None, **settings)
+    if config.canaries or config.canary_clients:
+        # The canary secret must reach the clients without passing through the server,
+        # which only the CLI's own simulation can arrange.
+        raise BadInput("canaries need the fedaudit CLI's simulation: use `fedaudit run --canaries/--canary-clients`")
     return prepare_run(config, runs_dir)
 
 

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
@@ -31,7 +30,7 @@ from shared import privacy
 from shared.config import RunConfig
 from shared.data import prepare
 from shared.evaluation import evaluate, predict_proba
-from shared.models import build_model
+from shared.models import initial_model
 from shared.protocol import CONFIG_KEY, KEYS_DIR, KEYS_PASSPHRASE_ENV, METRICS_KEY, NUM_EXAMPLES, PARTITION_ID, spec_to_record
 from shared.store import RunStore, atomic_write_bytes
 from shared.weights import digest, load_numpy, state_to_numpy
@@ -91,6 +90,7 @@ def _config_record(job: ServerJob) -> ConfigRecord:
         "max-grad-norm": c.max_grad_norm,
         "delta": job.delta,
         "max-epsilon": c.max_epsilon or 0.0,
+        "client-clip": c.client_clip,
         "attack": c.attack if c.malicious else "",
         "malicious": ",".join(map(str, job.malicious_clients)),
         KEYS_DIR: job.keys_dir if c.encrypt else "",
@@ -115,8 +115,12 @@ def _wait_for_nodes(grid: Grid, count: int) -> list[int]:
 
 
 def describe_clients(grid: Grid, job: ServerJob, base: ConfigRecord) -> dict[int, int]:
-    """Ask every node for its partition id and data summary; return partition -> node."""
-    nodes = _wait_for_nodes(grid, job.config.clients)
+    """Ask every node for its partition id and data summary; return partition -> node.
+
+    Canary clients (partition ids from ``clients`` on) are in the map but not in the
+    stored client summaries: they hold no data.
+    """
+    nodes = _wait_for_nodes(grid, job.config.nodes)
     messages = [Message(RecordDict({CONFIG_KEY: base}), message_type=MessageType.QUERY, dst_node_id=n) for n in nodes]
     replies = list(grid.send_and_receive(messages, timeout=job.timeout))
     failed = [r for r in replies if r.has_error()]
@@ -127,6 +131,8 @@ def describe_clients(grid: Grid, job: ServerJob, base: ConfigRecord) -> dict[int
         m = _metrics(reply)
         pid = int(m[PARTITION_ID])
         node_of[pid] = reply.metadata.src_node_id
+        if pid >= job.config.clients:
+            continue
         summaries.append({"client": pid, "num_train": int(m[NUM_EXAMPLES]), "num_val": int(m["num-val"]), "label_histogram": list(m["label-histogram"])})
     summaries.sort(key=lambda s: s["client"])
     RunStore(job.runs_dir).record_clients(job.run_id, summaries)
@@ -219,10 +225,7 @@ def _run_rounds(grid: Grid, job: ServerJob, log: AuditLog, exchange_key) -> dict
     run_dir = store.run_dir(job.run_id)
     prepared = prepare(c.data_spec)
     meta = prepared.meta
-    with torch.random.fork_rng():
-        # The initial global model is part of the run's seed: same seed, same start.
-        torch.manual_seed(c.seed)
-        model = build_model(job.model_name, meta.num_features, meta.num_classes, meta.image_side)
+    model = initial_model(job.model_name, meta.num_features, meta.num_classes, meta.image_side, c.seed)
     atomic_write_bytes(
         run_dir / "model.json",
         json.dumps({"model": job.model_name, "num_features": meta.num_features, "num_classes": meta.num_classes, "image_side": meta.image_side}).encode(),
@@ -239,10 +242,11 @@ def _run_rounds(grid: Grid, job: ServerJob, log: AuditLog, exchange_key) -> dict
         c.participation_rate if c.client_dp else c.fraction,
         c.seed,
         mode="poisson" if c.client_dp else "fixed",
+        evaluated=range(c.clients),
     )
     client_dp: ClientLevelDP | None = None
     if c.client_dp:
-        client_dp = strategy = ClientLevelDP(strategy, c.client_noise_multiplier, c.client_clip, c.participation_rate, c.clients, c.seed)
+        client_dp = strategy = ClientLevelDP(strategy, c.client_noise_multiplier, c.client_clip, c.participation_rate, c.nodes, c.seed)
     exchange: EncryptedExchange | None = None
     if c.encrypt:
         # Outermost: the wrappers inside it (client-level clipping and noise) need plaintext.
@@ -289,6 +293,8 @@ def _run_rounds(grid: Grid, job: ServerJob, log: AuditLog, exchange_key) -> dict
         spend = []
         for reply in good:
             m = _metrics(reply)
+            if int(m[PARTITION_ID]) >= c.clients:
+                continue  # a canary client: no records, no sample-level spend
             row = {"client": int(m[PARTITION_ID]), "num_examples": int(m[NUM_EXAMPLES]), "train_loss": float(m["train-loss"]), "refused": int(m.get("refused", 0))}
             if c.dp:
                 row.update(epsilon=float(m["epsilon"]), epsilon_rdp=float(m["epsilon-rdp"]))
@@ -311,7 +317,8 @@ def _run_rounds(grid: Grid, job: ServerJob, log: AuditLog, exchange_key) -> dict
             reasons = "; ".join(f"client {r['client']}: {r['reason']}" for r in rejected) or "replies missing"
             raise FederationError(f"round {rnd}: {len(trained)} valid replies, fewer than --min-replies {c.min_replies} ({reasons})")
 
-        scores = score_updates(weights, {int(_metrics(r)[PARTITION_ID]): {k: a.numpy() for k, a in r.content["arrays"].items()} for r in trained})
+        updates = {int(_metrics(r)[PARTITION_ID]): {k: a.numpy() for k, a in r.content["arrays"].items()} for r in trained}
+        scores = score_updates(weights, {pid: u for pid, u in updates.items() if pid < c.clients})
         store.record_flags(job.run_id, rnd, scores)
 
         # Refusing is permanent: a client's epsilon only grows and its per-round spend

@@ -18,6 +18,7 @@ import tomli_w
 
 from server.federation import RoundReport, ServerJob
 from shared import planner, privacy
+from shared.canaries import SECRET_FILE, draw_secret, save_secret
 from shared.config import RunConfig
 from shared.crypto import init_keys, load_registry, load_server_keys
 from shared.data import client_data, prepare
@@ -28,6 +29,7 @@ from shared.store import RunStore, atomic_write_bytes, new_run_id, resolve_runs_
 # The ClientApp is referenced the way Flower's own app config names it, so the
 # server package never imports the clients package.
 CLIENT_APP_REF = "clients.app:app"
+CLIENT_APP_FACTORY_REF = "clients.app:build_app"
 
 
 @dataclass
@@ -56,12 +58,12 @@ def preflight(config: RunConfig) -> Preflight:
     if config.delta is not None:
         delta = config.delta
     else:
-        delta = privacy.default_delta(smallest if config.dp else None, config.clients if config.client_dp else None)
+        delta = privacy.default_delta(smallest if config.dp else None, config.nodes if config.client_dp else None)
         notes.append(f"delta = {delta:g} (default: below 1/(records of the smallest client)" + (" and 1/(number of clients)" if config.client_dp else "") + ")")
     if config.dp and delta >= 1.0 / smallest:
         raise BadInput(f"--delta {delta:g} must be below 1/(smallest client's records) = 1/{smallest} = {1.0 / smallest:.3g}")
-    if config.client_dp and delta >= 1.0 / config.clients:
-        raise BadInput(f"--delta {delta:g} must be below 1/(number of clients) = 1/{config.clients} for client-level DP")
+    if config.client_dp and delta >= 1.0 / config.nodes:
+        raise BadInput(f"--delta {delta:g} must be below 1/(number of clients) = 1/{config.nodes} for client-level DP")
 
     if config.target_epsilon is not None:
         mechanisms = planner.sample_level_mechanisms(sizes, config.batch_size, config.local_epochs, config.rounds)
@@ -110,14 +112,18 @@ def prepare_run(
     notes = list(checked.notes)
     if keys_dir is not None:
         keys_dir = Path(keys_dir).resolve()
-        check_keys(keys_dir, config.clients, keys_passphrase_env)
+        check_keys(keys_dir, config.nodes, keys_passphrase_env)
     store = RunStore(runs_dir)
     run_id = run_id or new_run_id()
     if keys_dir is None:
         keys_dir = store.run_dir(run_id) / "keys"
-        init_keys(keys_dir, config.clients)
+        init_keys(keys_dir, config.nodes)
         keys_passphrase_env = None
         notes.append(f"made fresh keys for this run in {keys_dir}")
+    if config.canaries or config.canary_clients:
+        # Kept in the run folder for the clients and the audit; never in a message.
+        save_secret(store.run_dir(run_id) / SECRET_FILE, draw_secret(config.canaries, config.clients, config.canary_clients))
+        notes.append(f"canaries: {config.canaries} sample-level, {config.canary_clients} canary clients; the inclusion secret is in {SECRET_FILE}")
     malicious = malicious_clients(config)
     if malicious:
         notes.append(f"clients {', '.join(map(str, malicious))} are malicious ({config.attack})")
@@ -152,7 +158,7 @@ def prepare_resume(run_id: str, runs_dir: str | Path | None) -> ServerJob:
     store.update_run(run_id, status="running", error=None, finished_at=None)
     notes = [f"resuming run {run_id} after round {last}"]
     keys_env = record.info.get("keys_passphrase_env")
-    check_keys(record.info["keys_dir"], config.clients, keys_env)
+    check_keys(record.info["keys_dir"], config.nodes, keys_env)
     return ServerJob(
         run_id=run_id, config=config, delta=record.delta, runs_dir=str(store.root), model_name=record.info["model"], resume_from=last, notes=notes,
         keys_dir=record.info["keys_dir"], keys_passphrase_env=keys_env, malicious_clients=record.info.get("malicious_clients", []),
@@ -167,9 +173,17 @@ class RunOutcome:
     summary: dict
 
 
-def _load_client_app():
-    module, _, attr = CLIENT_APP_REF.partition(":")
+def _load(ref: str):
+    module, _, attr = ref.partition(":")
     return getattr(importlib.import_module(module), attr)
+
+
+def client_app_for(job: ServerJob):
+    """The ClientApp for ``job``: one that plays the run's canaries when it has any."""
+    secret = RunStore(job.runs_dir).run_dir(job.run_id) / SECRET_FILE
+    if job.config.canaries or job.config.canary_clients:
+        return _load(CLIENT_APP_FACTORY_REF)(str(secret))
+    return _load(CLIENT_APP_REF)
 
 
 def run_simulation_job(
@@ -202,8 +216,8 @@ def run_simulation_job(
     try:
         run_simulation(
             server_app=make_server_app(job),
-            client_app=client_app or _load_client_app(),
-            num_supernodes=job.config.clients,
+            client_app=client_app or client_app_for(job),
+            num_supernodes=job.config.nodes,
             backend_config=backend_config,
             verbose_logging=verbose,
         )

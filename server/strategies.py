@@ -77,11 +77,13 @@ class ParticipatingClients(Strategy):
     so a seed gives the same participants in every run and on every engine.
     """
 
-    def __init__(self, inner: Strategy, node_of: dict[int, int], fraction: float, seed: int, mode: str = "fixed"):
+    def __init__(self, inner: Strategy, node_of: dict[int, int], fraction: float, seed: int, mode: str = "fixed", evaluated: Iterable[int] | None = None):
         if mode not in ("fixed", "poisson"):
             raise ValueError(mode)
         self.inner = inner
         self.node_of = dict(sorted(node_of.items()))
+        # Who is asked to evaluate: every client by default; canary clients hold no data.
+        self.evaluated = sorted(self.node_of if evaluated is None else set(evaluated) & set(self.node_of))
         self.fraction = fraction
         self.seed = seed
         self.mode = mode
@@ -109,7 +111,7 @@ class ParticipatingClients(Strategy):
         return self.inner.aggregate_train(server_round, replies)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        return self.inner.configure_evaluate(server_round, arrays, config, GridView(grid, self.node_of.values()))
+        return self.inner.configure_evaluate(server_round, arrays, config, GridView(grid, [self.node_of[p] for p in self.evaluated]))
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         return self.inner.aggregate_evaluate(server_round, replies)

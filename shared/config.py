@@ -71,6 +71,9 @@ class RunConfig:
     # exchange
     encrypt: bool = True
     min_replies: int = 1
+    # empirical privacy audits (see shared/canaries.py)
+    canaries: int = 0
+    canary_clients: int = 0
 
     # ------------------------------------------------------------------ conversions
     @classmethod
@@ -107,6 +110,7 @@ class RunConfig:
             synthetic_samples=self.samples,
             synthetic_features=self.features,
             synthetic_classes=self.classes,
+            canaries=self.canaries,
         )
 
     # ------------------------------------------------------------------ validation
@@ -182,7 +186,21 @@ class RunConfig:
                 )
         elif self.client_sample_rate is not None:
             raise BadInput("--client-sample-rate (Poisson client sampling) needs --client-dp; use --fraction otherwise")
+        if self.canaries and self.canaries < 2:
+            raise BadInput(f"--canaries must be 0 or >= 2 (the audit ranks canaries against each other), got {self.canaries}")
+        if self.canary_clients:
+            if self.canary_clients < 2:
+                raise BadInput(f"--canary-clients must be 0 or >= 2 (the audit fits a Gaussian to their cosines), got {self.canary_clients}")
+            if not self.client_dp:
+                raise BadInput("--canary-clients audits client-level DP: it needs --client-dp")
+            if self.malicious:
+                raise BadInput("--canary-clients cannot be combined with --malicious")
         return self
+
+    @property
+    def nodes(self) -> int:
+        """Flower nodes the federation needs: the clients plus any canary clients."""
+        return self.clients + self.canary_clients
 
     @property
     def participation_rate(self) -> float:

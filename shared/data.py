@@ -35,6 +35,8 @@ class DataSpec:
     synthetic_samples: int = 2000
     synthetic_features: int = 20
     synthetic_classes: int = 2
+    # One-run audit: this many records of the test split become the canary pool.
+    canaries: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -56,6 +58,10 @@ class Prepared:
     x_test: np.ndarray
     y_test: np.ndarray
     client_indices: list[np.ndarray]  # indices into x_train, one array per client
+    # The canary pool (see carve_canaries): records taken out of the test split, with
+    # the wrong label each canary is trained on. Which canaries are used is secret.
+    canary_x: np.ndarray | None = None
+    canary_y: np.ndarray | None = None
 
 
 @dataclass
@@ -252,7 +258,8 @@ def prepare(spec: DataSpec) -> Prepared:
             bounds = np.cumsum([0] + [len(p[1]) for p in parts])
             client_indices = [np.arange(bounds[i], bounds[i + 1]) for i in range(len(parts))]
             x_train, x_test = _standardize(x_train, x_test)
-            return Prepared(meta, x_train, y_train, x_test, y_test, client_indices)
+            x_test, y_test, canary_x, canary_y = carve_canaries(x_test, y_test, spec, meta.num_classes)
+            return Prepared(meta, x_train, y_train, x_test, y_test, client_indices, canary_x, canary_y)
         x, y = tables[0][0], labels[0]
     else:
         x, y, meta = _builtin(spec)
@@ -261,7 +268,33 @@ def prepare(spec: DataSpec) -> Prepared:
     if spec.dataset != "digits":
         x_train, x_test = _standardize(x_train, x_test)
     client_indices = _partition(y_train, spec)
-    return Prepared(meta, x_train, y_train, x_test, y_test, client_indices)
+    x_test, y_test, canary_x, canary_y = carve_canaries(x_test, y_test, spec, meta.num_classes)
+    return Prepared(meta, x_train, y_train, x_test, y_test, client_indices, canary_x, canary_y)
+
+
+def carve_canaries(x_test: np.ndarray, y_test: np.ndarray, spec: DataSpec, num_classes: int):
+    """Take ``spec.canaries`` records out of the test split as the canary pool.
+
+    Canaries are mislabelled held-out records (Steinke et al. 2023): a record nobody
+    trains on, given a seeded wrong label, is memorised only if it is included, so its
+    score on the final model says whether it was. The pool and labels follow from the
+    public seed; only which canaries are included (and where) is secret.
+
+    Returns
+    -------
+    x_test, y_test, canary_x, canary_y
+        The test split without the pool, the pool, and its wrong labels.
+    """
+    m = spec.canaries
+    if not m:
+        return x_test, y_test, None, None
+    if m > len(y_test) // 2:
+        raise BadInput(f"--canaries {m} is more than half of the {len(y_test)}-record test split; lower it or raise --test-fraction")
+    rng = np.random.default_rng([spec.seed, 0xCA7A])
+    order = rng.permutation(len(y_test))
+    pool, rest = order[:m], np.sort(order[m:])
+    wrong = (y_test[pool] + rng.integers(1, num_classes, size=m)) % num_classes
+    return x_test[rest], y_test[rest], x_test[pool], wrong.astype(np.int64)
 
 
 def client_data(spec: DataSpec, partition_id: int) -> ClientData:

@@ -79,3 +79,10 @@ def build_model(name: str, num_features: int, num_classes: int, image_side: int 
 
 def parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def initial_model(name: str, num_features: int, num_classes: int, image_side: int | None, seed: int) -> nn.Module:
+    """A run's starting global model: part of its public seed, so an audit can rebuild it."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return build_model(name, num_features, num_classes, image_side)

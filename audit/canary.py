@@ -1,0 +1,158 @@
+"""Canary audits of a stored run: one-run sample-level, and one-shot client-level.
+
+Sample level (Steinke, Nasr and Jagielski 2023)
+------------------------------------------------
+``fedaudit run --canaries M`` trains with M mislabelled held-out records, each included
+with probability 1/2 (see :mod:`shared.canaries`). Each canary is scored on the final
+model with LiRA's statistic ``log(p / (1 - p))`` of its (wrong) canary label: a model
+that memorised a canary gives it a high score. The guesses are "in" for the ``k+``
+highest scores and "out" for the ``k-`` lowest. By default ``k+ = k- = 10%`` of M, fixed
+before the scores are seen, so the bound holds at 95% confidence; ``scan=True`` tries a
+grid and reports the best, which is then flagged as scanned (no longer a valid bound).
+
+The bound is compared with the theoretical epsilon of the clients that held included
+canaries: each canary is protected by its holder's DP-SGD, so the run is
+``(max eps_holder, delta)``-DP with respect to every canary.
+
+Client level (Andrew et al. 2023)
+---------------------------------
+``--canary-clients M`` adds M clients whose update is ``C * u_j`` for a secret random
+unit direction ``u_j``. The audit measures the cosine between the final model's total
+change (final minus initial global model) and each inserted ``u_j``, and the cosines of
+directions drawn the same way but never sent (unobserved). Gaussians fitted to both give
+the epsilon estimate. It is an estimate, not a bound, and is reported next to the
+client-level theoretical epsilon.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from audit.empirical import gaussian_epsilon_from_cosines, one_run_audit
+from audit.mia import logit_confidence
+from shared import privacy
+from shared.canaries import SECRET_FILE, flat_directions, load_secret
+from shared.errors import BadInput
+from shared.models import initial_model
+
+if TYPE_CHECKING:
+    from audit.report import StoredRun
+    from shared.store import RunStore
+
+# Unobserved canary directions drawn for the client-level estimate: free to draw, and
+# the more there are, the tighter the fitted null distribution.
+DEFAULT_UNOBSERVED = 1000
+HISTOGRAM_BINS = 20
+
+
+def _histogram(groups: dict[str, np.ndarray], bins: int = HISTOGRAM_BINS) -> dict[str, Any]:
+    """Counts of each group over shared bin edges (for the report's histogram)."""
+    values = np.concatenate([v for v in groups.values() if v.size])
+    lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 1.0)
+    if hi <= lo:
+        lo, hi = lo - 0.5, hi + 0.5
+    edges = np.linspace(lo, hi, bins + 1)
+    return {"edges": edges.tolist(), **{name: np.histogram(v, bins=edges)[0].astype(int).tolist() for name, v in groups.items()}}
+
+
+def holder_epsilons(store: RunStore, run_id: str, clients: list[int], delta: float) -> dict[int, float]:
+    """Each listed client's theoretical epsilon over its whole ledger (in-flight spend included)."""
+    ledgers = store.ledger(run_id)
+    for client, extra in store.interrupted_spend(run_id).items():
+        ledgers[client] = ledgers.get(client, []) + extra
+    return {c: privacy.epsilon(ledgers.get(c, []), delta) for c in clients}
+
+
+def sample_canary_audit(
+    run: StoredRun,
+    store: RunStore,
+    delta: float | None,
+    k_plus: int | None = None,
+    k_minus: int | None = None,
+    scan: bool = False,
+) -> dict[str, Any] | None:
+    """The one-run canary audit of a run trained with ``--canaries``; None without canaries.
+
+    Returns
+    -------
+    dict or None
+        ``m``, ``r``, ``v``, ``epsilon_lower_bound``, ``k_plus``, ``k_minus``,
+        ``scanned``, ``valid`` (a bound at ``confidence``: not scanned), ``delta``,
+        ``confidence``, ``theoretical_epsilon`` (largest over the clients holding
+        included canaries; None for a non-private run), ``holders``,
+        ``included``, ``score``, ``histogram``.
+    """
+    m = run.config.canaries
+    if not m:
+        return None
+    secret = load_secret(store.run_dir(run.run_id) / SECRET_FILE)
+    data = run.data
+    if secret.m != m or data.canary_x is None:
+        raise BadInput(f"run {run.run_id}: the canary secret holds {secret.m} canaries but the run was configured with {m}")
+    scores = logit_confidence(run.model, data.canary_x, data.canary_y)
+    included = np.asarray(secret.included, dtype=bool)
+    stated_delta = delta if delta else 1e-5
+    result = one_run_audit(scores, included, stated_delta, k_plus=k_plus, k_minus=k_minus, scan=scan)
+    holders = secret.holders()
+    theoretical = None
+    if run.config.dp and delta:
+        theoretical = max(holder_epsilons(store, run.run_id, holders, delta).values(), default=0.0)
+    result.update(
+        valid=not result["scanned"],
+        guesses="scanned over a grid of (k+, k-): the best is shown and is not a valid bound" if result["scanned"]
+        else "fixed in advance: k+ = k- = 10% of the canaries unless given",
+        theoretical_epsilon=theoretical,
+        holders=holders,
+        included=int(included.sum()),
+        score="log(p / (1 - p)) of the canary's wrong label on the final model",
+        canary="a held-out test record with a seeded wrong label, included with probability 1/2 in one random client's training data",
+        histogram=_histogram({"included": scores[included], "excluded": scores[~included]}),
+    )
+    return result
+
+
+def _flat(weights: dict[str, np.ndarray], keys: list[str]) -> np.ndarray:
+    return np.concatenate([np.asarray(weights[k], dtype=np.float64).ravel() for k in keys])
+
+
+def client_canary_audit(run: StoredRun, store: RunStore, delta: float | None, unobserved: int = DEFAULT_UNOBSERVED) -> dict[str, Any] | None:
+    """Andrew et al.'s one-shot estimate for a run with ``--canary-clients``; None without them.
+
+    Returns
+    -------
+    dict or None
+        The fields of :func:`audit.empirical.gaussian_epsilon_from_cosines` plus
+        ``epsilon_estimate``, ``theoretical_epsilon`` (client level), ``canary_clients``,
+        ``unobserved``, ``histogram`` and ``method``.
+    """
+    m = run.config.canary_clients
+    if not m:
+        return None
+    secret = load_secret(store.run_dir(run.run_id) / SECRET_FILE)
+    info = run.model_info
+    start = initial_model(info["model"], info["num_features"], info["num_classes"], info.get("image_side"), run.config.seed)
+    initial = {k: v.detach().numpy() for k, v in start.state_dict().items()}
+    keys = list(initial)
+    change = _flat(run.weights, keys) - _flat(initial, keys)
+    norm = float(np.linalg.norm(change))
+    if norm == 0.0:
+        raise BadInput(f"run {run.run_id}: the final model equals the initial one; there is nothing to measure")
+    shapes = {k: initial[k].shape for k in keys}
+    observed = flat_directions(secret.direction_seed, range(m), shapes) @ change / norm
+    never_sent = flat_directions(secret.direction_seed, range(m, m + unobserved), shapes) @ change / norm
+    stated_delta = delta if delta else 1e-5
+    result = gaussian_epsilon_from_cosines(observed, never_sent, stated_delta)
+    summary = store.get_rounds(run.run_id)
+    theoretical = max((r["client_epsilon"] for r in summary if r["client_epsilon"] is not None), default=None)
+    result.update(
+        epsilon_estimate=result.pop("epsilon"),
+        theoretical_epsilon=theoretical,
+        canary_clients=m,
+        unobserved=unobserved,
+        statistic="cosine between the final model's total change and each canary direction",
+        histogram=_histogram({"inserted": observed, "unobserved": never_sent}),
+        note="an estimate (Gaussian fit), not a confidence bound",
+    )
+    return result

@@ -1,0 +1,210 @@
+"""Canary audits: the secret, the canary pool, the client side, the audit on stored runs,
+a 3-seed DP sanity check with real Opacus, and two real simulations through the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import stat
+
+import numpy as np
+import pytest
+
+from audit.canary import sample_canary_audit
+from audit.empirical import one_run_audit
+from audit.mia import Recipe, logit_confidence, train_federated
+from audit.report import _with_canaries, comparison_metrics, load_run
+from clients.app import training_data
+from server.federation import _config_record
+from server.runner import prepare_run
+from shared import privacy
+from shared.canaries import SECRET_FILE, canary_direction, draw_secret, flat_directions, load_secret, save_secret
+from shared.config import resolve
+from shared.data import DataSpec, client_data, prepare
+from shared.errors import BadInput
+from shared.store import RunStore
+from tests.conftest import run_cli, run_json
+
+
+# --------------------------------------------------------------------------- the secret
+def test_each_canary_is_included_with_probability_half_in_a_random_client(tmp_path):
+    secret = draw_secret(4000, clients=5, canary_clients=3)
+    included = np.array(secret.included)
+    holder = np.array(secret.holder)
+    assert abs(included.mean() - 0.5) < 0.04  # 4000 fair coins: 5 standard deviations
+    assert np.all((holder >= 0) == included) and set(holder[included]) == set(range(5))
+    assert secret.canary_clients == 3
+    assert draw_secret(4000, 5).included != secret.included  # OS randomness, not the public seed
+
+    path = tmp_path / SECRET_FILE
+    save_secret(path, secret)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert load_secret(path) == secret
+    with pytest.raises(BadInput, match="not found"):
+        load_secret(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(BadInput, match="unreadable"):
+        load_secret(tmp_path / "bad.json")
+
+
+def test_canary_directions_are_unit_deterministic_and_nearly_orthogonal():
+    shapes = {"w": (10, 64), "b": (10,)}
+    one = canary_direction(7, 0, shapes)
+    assert math.isclose(sum(float(np.sum(v * v)) for v in one.values()), 1.0, rel_tol=1e-9)
+    assert all(np.array_equal(one[k], canary_direction(7, 0, shapes)[k]) for k in shapes)
+    rows = flat_directions(7, range(50), shapes)
+    gram = rows @ rows.T
+    assert np.allclose(np.diag(gram), 1.0)
+    assert np.abs(gram[~np.eye(50, dtype=bool)]).max() < 0.25  # d = 650: cosines ~ N(0, 1/650)
+
+
+# --------------------------------------------------------------------------- the pool
+def test_the_canary_pool_comes_out_of_the_test_split_with_wrong_labels():
+    plain = prepare(DataSpec(dataset="digits", num_clients=3, seed=4))
+    spec = DataSpec(dataset="digits", num_clients=3, seed=4, canaries=40)
+    pool = prepare(spec)
+    assert len(pool.y_test) == len(plain.y_test) - 40 and len(pool.canary_y) == 40
+    # Every canary is a test record, relabelled to some other class.
+    for x, wrong in zip(pool.canary_x, pool.canary_y):
+        rows = np.flatnonzero((plain.x_test == x).all(axis=1))
+        assert rows.size and all(plain.y_test[r] != wrong for r in rows)
+    # The clients' data and the training split are untouched.
+    assert np.array_equal(pool.x_train, plain.x_train)
+    assert all(np.array_equal(a, b) for a, b in zip(pool.client_indices, plain.client_indices))
+    with pytest.raises(BadInput, match="more than half"):
+        prepare(DataSpec(dataset="digits", num_clients=3, seed=4, canaries=300))
+
+
+def test_a_client_trains_on_exactly_the_canaries_it_holds():
+    spec = DataSpec(dataset="digits", num_clients=3, seed=4, canaries=40)
+    secret = draw_secret(40, clients=3)
+    pool = prepare(spec)
+    for pid in range(3):
+        base = client_data(spec, pid)
+        data, held = training_data(spec, pid, secret)
+        mine = secret.held_by(pid)
+        assert held == len(mine) and len(data.y_train) == len(base.y_train) + held
+        assert np.array_equal(data.x_train[len(base.y_train):], pool.canary_x[mine])
+        assert np.array_equal(data.y_train[len(base.y_train):], pool.canary_y[mine])
+        assert np.array_equal(data.x_val, base.x_val)  # canaries never enter validation
+    data, held = training_data(spec, 0, None)
+    assert held == 0
+
+
+def test_bad_canary_settings_are_refused():
+    with pytest.raises(BadInput, match="needs --client-dp"):
+        resolve(None, canary_clients=4)
+    with pytest.raises(BadInput, match="0 or >= 2"):
+        resolve(None, canaries=1)
+    with pytest.raises(BadInput, match="0 or >= 2"):
+        resolve(None, client_dp=True, canary_clients=1)
+    assert resolve(None, client_dp=True, canary_clients=4, clients=6).nodes == 10
+
+
+def test_the_secret_stays_in_the_run_store_and_out_of_every_message(tmp_path):
+    job = prepare_run(resolve(None, clients=3, rounds=1, seed=2, model="logreg", canaries=30), tmp_path)
+    path = RunStore(tmp_path).run_dir(job.run_id) / SECRET_FILE
+    secret = load_secret(path)
+    assert secret.m == 30 and stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    sent = dict(_config_record(job))
+    # The server tells clients only how many canaries the pool holds (public).
+    assert [k for k in sent if "canar" in k] == ["data.canaries"] and sent["data.canaries"] == 30
+    assert not any(isinstance(v, str) and ("included" in v or "holder" in v) for v in sent.values())
+    assert "included" not in json.dumps(RunStore(tmp_path).get_run(job.run_id).info)
+
+
+# --------------------------------------------------------------------------- sanity, 3 seeds
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_canary_bound_never_exceeds_the_theoretical_epsilon_under_dp(seed):
+    """Real Opacus DP-SGD on digits with 150 canaries; the bound must stay <= epsilon."""
+    spec = DataSpec(dataset="digits", num_clients=1, seed=seed, canaries=150)
+    pool = prepare(spec)
+    secret = draw_secret(150, clients=1)
+    data, held = training_data(spec, 0, secret)
+    epochs, batch, sigma = 15, 32, 0.8
+    steps_per_epoch = math.ceil(len(data.y_train) / batch)
+    recipe = Recipe("mlp", 64, 10, 8, clients=1, rounds=1, local_epochs=epochs, batch_size=batch, lr=0.3,
+                    dp=True, noise_multiplier=sigma, max_grad_norm=1.0)
+    model = train_federated(recipe, data.x_train, data.y_train, seed=seed)
+    theoretical = privacy.epsilon([(sigma, 1.0 / steps_per_epoch, epochs * steps_per_epoch)], 1e-5)
+    result = one_run_audit(logit_confidence(model, pool.canary_x, pool.canary_y), np.array(secret.included), 1e-5)
+    assert held == sum(secret.included)
+    assert result["epsilon_lower_bound"] <= theoretical, (result, theoretical)
+
+
+# --------------------------------------------------------------------------- real runs
+@pytest.fixture(scope="module")
+def canary_runs(tmp_path_factory):
+    runs = tmp_path_factory.mktemp("canary-runs")
+    overfit = run_json("run", "--dataset", "digits", "--clients", "2", "--rounds", "3", "--local-epochs", "20", "--seed", "3",
+                       "--model", "mlp", "--no-dp", "--canaries", "150", runs_dir=runs)
+    private = run_json("run", "--dataset", "digits", "--clients", "3", "--rounds", "3", "--seed", "5", "--model", "logreg", "--dp",
+                       "--client-dp", "--client-sample-rate", "1.0", "--client-clip", "1.0", "--client-noise-multiplier", "1.0",
+                       "--canaries", "20", "--canary-clients", "6", runs_dir=runs)
+    return runs, overfit, private
+
+
+@pytest.mark.simulation
+def test_overfit_non_private_run_leaks_its_canaries(canary_runs, tmp_path):
+    runs, overfit, _ = canary_runs
+    assert overfit["status"] == "completed"
+    html = tmp_path / "report.html"
+    report = run_json("audit", overfit["run_id"], "--reference-models", "0", "--html", str(html), runs_dir=runs)
+    ca = report["privacy"]["canary_audit"]
+    assert (ca["m"], ca["r"], ca["k_plus"], ca["k_minus"]) == (150, 30, 15, 15)
+    assert ca["valid"] and not ca["scanned"] and ca["theoretical_epsilon"] is None
+    assert ca["epsilon_lower_bound"] > 1.0, ca
+    assert report["privacy"]["empirical_epsilon_lower_bound"] >= ca["epsilon_lower_bound"]
+    assert report["privacy"]["mia_auc"] > 0.5
+    page = html.read_text()
+    assert 'id="plot-canary-scores"' in page and 'id="plot-canary-cosines"' in page and "One-run audit" in page
+
+    row = comparison_metrics(report)
+    assert row["privacy.canary_audit.epsilon_lower_bound"] == ca["epsilon_lower_bound"]
+
+    store = RunStore(runs)
+    scanned = sample_canary_audit(load_run(store, overfit["run_id"]), store, None, scan=True)
+    assert scanned["scanned"] and not scanned["valid"] and "not a valid bound" in scanned["guesses"]
+    assert scanned["epsilon_lower_bound"] >= ca["epsilon_lower_bound"]
+    # A scanned result is shown but never becomes the headline bound.
+    headline = _with_canaries({"empirical_epsilon_lower_bound": 0.0, "delta": None}, load_run(store, overfit["run_id"]), store, canary_scan=True)
+    assert headline["empirical_epsilon_lower_bound"] == 0.0 and headline["canary_audit"]["scanned"]
+
+
+@pytest.mark.simulation
+def test_private_run_with_canaries_and_canary_clients(canary_runs):
+    runs, _, private = canary_runs
+    assert private["status"] == "completed", private["error"]
+    store = RunStore(runs)
+    # Canary clients hold no data: they are not clients of the stored run.
+    assert [c["client"] for c in store.get_clients(private["run_id"])] == [0, 1, 2]
+    report = run_json("audit", private["run_id"], "--reference-models", "0", runs_dir=runs)
+    p = report["privacy"]
+    ca, cc = p["canary_audit"], p["client_canary_audit"]
+    assert ca["m"] == 20 and ca["valid"]
+    assert 0 < ca["theoretical_epsilon"] <= private["epsilon"] + 1e-9
+    assert ca["epsilon_lower_bound"] <= ca["theoretical_epsilon"]
+    assert p["empirical_epsilon_lower_bound"] <= private["epsilon"]
+    assert cc["canary_clients"] == 6 and cc["unobserved"] == 1000
+    assert cc["theoretical_epsilon"] == pytest.approx(private["client_epsilon"])
+    # q = 1, z = 1, 3 rounds: inserted canaries stand far out of the unobserved ones.
+    assert cc["mean_observed"] > cc["mean_unobserved"] + 3 * cc["std_pooled"] / math.sqrt(6)
+    assert 1.0 < cc["epsilon_estimate"] < math.inf
+
+    # The audit reads the same secret the clients used: rescoring it by hand agrees.
+    run = load_run(store, private["run_id"])
+    again = sample_canary_audit(run, store, private["delta"])
+    assert (again["r"], again["v"]) == (ca["r"], ca["v"])
+
+
+def test_canaries_need_the_cli_simulation_not_flwr_run():
+    from server.app import job_from_run_config
+
+    with pytest.raises(BadInput, match="canaries need"):
+        job_from_run_config({"canaries": 10, "runs-dir": "/nonexistent"})
+
+
+def test_bad_canary_flags_exit_2(tmp_path):
+    proc = run_cli("run", "--canary-clients", "3", runs_dir=tmp_path)
+    assert proc.returncode == 2 and "needs --client-dp" in proc.stderr and "Traceback" not in proc.stderr
