@@ -13,7 +13,7 @@ import pytest
 
 from audit.canary import sample_canary_audit
 from audit.empirical import one_run_audit
-from audit.mia import Recipe, logit_confidence, train_federated
+from audit.mia import Recipe, audit_membership, logit_confidence, train_federated
 from audit.report import _with_canaries, comparison_metrics, load_run
 from clients.app import training_data
 from server.federation import _config_record
@@ -134,14 +134,20 @@ def test_canary_bound_never_exceeds_the_theoretical_epsilon_under_dp(seed):
 
 
 # --------------------------------------------------------------------------- real runs
+PRIVATE_SEEDS = (5, 6, 7)
+
+
 @pytest.fixture(scope="module")
 def canary_runs(tmp_path_factory):
     runs = tmp_path_factory.mktemp("canary-runs")
     overfit = run_json("run", "--dataset", "digits", "--clients", "2", "--rounds", "3", "--local-epochs", "20", "--seed", "3",
                        "--model", "mlp", "--no-dp", "--canaries", "150", runs_dir=runs)
-    private = run_json("run", "--dataset", "digits", "--clients", "3", "--rounds", "3", "--seed", "5", "--model", "logreg", "--dp",
-                       "--client-dp", "--client-sample-rate", "1.0", "--client-clip", "1.0", "--client-noise-multiplier", "1.0",
+    private = {
+        seed: run_json("run", "--dataset", "digits", "--clients", "3", "--rounds", "3", "--seed", str(seed), "--model", "logreg", "--dp",
+                       "--client-dp", "--client-sample-rate", "1.0", "--client-clip", "1.0", "--client-noise-multiplier", "0.3",
                        "--canaries", "20", "--canary-clients", "6", runs_dir=runs)
+        for seed in PRIVATE_SEEDS
+    }
     return runs, overfit, private
 
 
@@ -174,7 +180,8 @@ def test_overfit_non_private_run_leaks_its_canaries(canary_runs, tmp_path):
 
 @pytest.mark.simulation
 def test_private_run_with_canaries_and_canary_clients(canary_runs):
-    runs, _, private = canary_runs
+    runs, _, private_runs = canary_runs
+    private = private_runs[PRIVATE_SEEDS[0]]
     assert private["status"] == "completed", private["error"]
     store = RunStore(runs)
     # Canary clients hold no data: they are not clients of the stored run.
@@ -184,11 +191,10 @@ def test_private_run_with_canaries_and_canary_clients(canary_runs):
     ca, cc = p["canary_audit"], p["client_canary_audit"]
     assert ca["m"] == 20 and ca["valid"]
     assert 0 < ca["theoretical_epsilon"] <= private["epsilon"] + 1e-9
-    assert ca["epsilon_lower_bound"] <= ca["theoretical_epsilon"]
-    assert p["empirical_epsilon_lower_bound"] <= private["epsilon"]
     assert cc["canary_clients"] == 6 and cc["unobserved"] == 1000
     assert cc["theoretical_epsilon"] == pytest.approx(private["client_epsilon"])
-    # q = 1, z = 1, 3 rounds: inserted canaries stand far out of the unobserved ones.
+    # q = 1, z = 0.3, 3 rounds: the inserted canaries stand far out of the unobserved ones
+    # (expected cosine ~0.17 against a spread of ~1/sqrt(650) = 0.04 per canary).
     assert cc["mean_observed"] > cc["mean_unobserved"] + 3 * cc["std_pooled"] / math.sqrt(6)
     assert 1.0 < cc["epsilon_estimate"] < math.inf
 
@@ -196,6 +202,21 @@ def test_private_run_with_canaries_and_canary_clients(canary_runs):
     run = load_run(store, private["run_id"])
     again = sample_canary_audit(run, store, private["delta"])
     assert (again["r"], again["v"]) == (ca["r"], ca["v"])
+
+
+@pytest.mark.simulation
+@pytest.mark.parametrize("seed", PRIVATE_SEEDS)
+def test_empirical_bounds_stay_below_the_theoretical_epsilon_on_dp_runs(canary_runs, seed):
+    """The sanity rule on real DP runs, three seeds: no valid lower bound above epsilon."""
+    runs, _, private_runs = canary_runs
+    summary = private_runs[seed]
+    assert summary["status"] == "completed", summary["error"]
+    store = RunStore(runs)
+    run = load_run(store, summary["run_id"])
+    canaries = sample_canary_audit(run, store, summary["delta"])
+    assert canaries["valid"] and canaries["epsilon_lower_bound"] <= canaries["theoretical_epsilon"] <= summary["epsilon"] + 1e-9
+    mia = audit_membership(run, summary["delta"], reference_models=0)
+    assert mia["empirical_epsilon_lower_bound"] <= summary["epsilon"]
 
 
 def test_canaries_need_the_cli_simulation_not_flwr_run():
