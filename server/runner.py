@@ -20,7 +20,7 @@ from server.federation import RoundReport, ServerJob
 from shared import planner, privacy
 from shared.config import RunConfig
 from shared.crypto import init_keys, load_registry, load_server_keys
-from shared.data import client_data, prepare
+from shared.data import client_sizes, prepare
 from shared.errors import BadInput
 from shared.models import build_model
 from shared.store import RunStore, atomic_write_bytes, new_run_id, resolve_runs_dir
@@ -46,7 +46,8 @@ def preflight(config: RunConfig) -> Preflight:
     meta = prepared.meta
     model_name = config.model or meta.default_model
     build_model(model_name, meta.num_features, meta.num_classes, meta.image_side)
-    sizes = [len(client_data(spec, i).y_train) for i in range(config.clients)]
+    # From the partition offsets: no client's records are gathered, at any client count.
+    sizes = client_sizes(spec)
     smallest = min(sizes)
     if smallest < config.batch_size:
         client = sizes.index(smallest)
