@@ -135,17 +135,22 @@ def prepare_run(
     )
 
 
-def prepare_resume(run_id: str, runs_dir: str | Path | None) -> ServerJob:
+def prepare_resume(run_id: str, runs_dir: str | Path | None, ray_address: str | None = None) -> ServerJob:
     """Continue an interrupted run from its last checkpoint, ledger restored.
 
     Spend committed for the round that was in flight is set aside (not deleted) and
     still counted in every client's epsilon, so epsilon can only be over-reported.
+    ``ray_address`` replaces the stored one: where a run executes is not part of what
+    it computes, and a cluster's address may have changed since.
     """
     store = RunStore(runs_dir)
     record = store.get_run(run_id)
     if record.status in ("completed", "budget-exhausted"):
         raise BadInput(f"run {run_id} already ended with status {record.status}; nothing to resume")
-    config = RunConfig.from_stored(record.config).validate()
+    config = RunConfig.from_stored(record.config)
+    if ray_address is not None:
+        config = replace(config, ray_address=ray_address)
+    config = config.validate()
     last = store.last_checkpointed_round(run_id)
     while last and not (store.run_dir(run_id) / "checkpoints" / f"round-{last:04d}.safetensors").exists():
         last -= 1
@@ -173,6 +178,23 @@ def _load_client_app():
     return getattr(importlib.import_module(module), attr)
 
 
+def ray_init_args(config: RunConfig, verbose: bool = False) -> dict:
+    """The ``ray.init`` arguments of a run (Flower's RayBackend passes them through).
+
+    With ``config.ray_address`` set, ``ray.init(address=...)`` connects to that running
+    cluster instead of starting a local Ray: ``"auto"`` finds one started on this machine
+    with ``ray start``, ``"HOST:PORT"`` names a head node's GCS, ``"ray://HOST:PORT"``
+    uses Ray Client. Flower then starts ``cluster CPUs / cpus-per-client`` actors across
+    every node, and ``ray.shutdown()`` at the end only disconnects from the cluster.
+    """
+    from shared import quiet
+
+    args = quiet.ray_init_args(verbose)
+    if config.ray_address:
+        args["address"] = config.ray_address
+    return args
+
+
 def run_simulation_job(
     job: ServerJob,
     *,
@@ -196,7 +218,7 @@ def run_simulation_job(
     os.environ["RAY_TMPDIR"] = str(ray_dir)
     backend_config = {
         "client_resources": {"num_cpus": job.config.cpus_per_client, "num_gpus": 0.0},
-        "init_args": quiet.ray_init_args(verbose),
+        "init_args": ray_init_args(job.config, verbose),
     }
     started = time.time()
     error = None
