@@ -156,3 +156,16 @@ def test_dirichlet_partitions_equal_flwr_datasets_load_partition():
     reference.dataset = hf.Dataset.from_dict({"idx": np.arange(len(prepared.y_train)), "label": prepared.y_train})
     for i in range(6):
         assert np.array_equal(prepared.client_indices[i], np.asarray(reference.load_partition(i)["idx"]))
+
+
+def test_iid_partitions_equal_flwr_datasets_iid_partitioner():
+    import datasets as hf
+    from flwr_datasets.partitioner import IidPartitioner
+
+    spec = DataSpec(num_clients=9, seed=8)  # 1437 records: uneven shards
+    prepared = prepare(spec)
+    order = np.random.default_rng(8).permutation(len(prepared.y_train))
+    reference = IidPartitioner(num_partitions=9)
+    reference.dataset = hf.Dataset.from_dict({"idx": order})
+    for i in range(9):
+        assert np.array_equal(prepared.client_indices[i], np.asarray(reference.load_partition(i)["idx"]))
