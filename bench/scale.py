@@ -14,7 +14,8 @@ round 1 is shown apart.
 (a) clients per round at a fixed total: each round trains and evaluates k clients.
     Expected: time grows linearly with k (compare seconds per client).
 (b) total clients at fixed clients per round: 10 train and 10 evaluate each round.
-    Expected: flat (compare the largest total's round time with the smallest's).
+    Expected: flat (compare the largest total's round time with the smallest's), and so
+    is the whole-tree peak memory (measured as in (c)).
 (c) the issue's scenario: 1,000 clients, 100 per round, 5 rounds, with the peak memory
     of the whole process tree: the sum over every process descended from the CLI (Ray's
     GCS, raylet and workers included) of PSS from /proc/PID/smaps_rollup, which counts a
@@ -224,7 +225,7 @@ def linear_fit(x: list[float], y: list[float]) -> tuple[float, float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="Fewer points and rounds (about 4 minutes instead of about 10).")
+    parser.add_argument("--quick", action="store_true", help="Fewer points and rounds, one scenario run (about 5 minutes instead of about 10).")
     parser.add_argument("--no-scenario", action="store_true", help="Skip the 1,000-client scenario (c).")
     parser.add_argument("--rounds", type=int, default=None, help="Rounds per grid run (default 5, or 3 with --quick).")
     args = parser.parse_args()
@@ -246,17 +247,20 @@ def main() -> None:
           f"{r.per_round / a[0].per_round:.2f}x time for {r.case.per_round / a[0].case.per_round:.1f}x clients"] for r in a],
     )
     fixed, slope, r2 = linear_fit([r.case.per_round for r in a], [r.per_round for r in a])
-    print(f"    least-squares line: {fixed:.2f} s per round + {slope:.3f} s per client per round (R^2 = {r2:.3f}; 1 = exactly linear)")
+    fit = f" (R^2 = {r2:.3f}; 1 = exactly linear)" if len(a) > 2 else " (two points: no test of linearity)"
+    print(f"    least-squares line: {fixed:.2f} s per round + {slope:.3f} s per client per round{fit}")
     print(f"    seconds per client, largest k / smallest k: {(a[-1].per_round / a[-1].case.per_round) / base:.2f} "
           f"(below 1: the fixed per-round cost is spread over more clients)\n")
 
-    b = [run_case(Case(n, 10, rounds)) for n in total_grid]
+    b = [run_case(Case(n, 10, rounds), measure_memory=True) for n in total_grid]
     print_table(
         f"(b) total clients at 10 per round ({rounds} rounds each; 10 train and 10 evaluate per round)",
-        ["total", "s / round", "vs smallest", "round 1 s", "wall s"],
-        [[str(r.case.clients), f"{r.per_round:.2f}", f"{r.per_round / b[0].per_round:.2f}", f"{r.round_seconds[0]:.2f}", f"{r.wall:.0f}"] for r in b],
+        ["total", "s / round", "vs smallest", "round 1 s", "wall s", "peak PSS sum"],
+        [[str(r.case.clients), f"{r.per_round:.2f}", f"{r.per_round / b[0].per_round:.2f}", f"{r.round_seconds[0]:.2f}", f"{r.wall:.0f}",
+          f"{r.memory.peak_pss / GIB:.2f} GiB"] for r in b],
     )
-    print(f"    flatness: round time at {b[-1].case.clients} / at {b[0].case.clients} clients = {b[-1].per_round / b[0].per_round:.2f} (1.00 = flat)\n")
+    print(f"    flatness: round time at {b[-1].case.clients} / at {b[0].case.clients} clients = {b[-1].per_round / b[0].per_round:.2f} (1.00 = flat); "
+          f"peak whole-tree PSS {b[-1].memory.peak_pss / b[0].memory.peak_pss:.2f}x\n")
 
     if args.no_scenario:
         return
