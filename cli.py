@@ -106,6 +106,12 @@ def run(
     proximal_mu: Optional[float] = typer.Option(None, help="FedProx proximal term."),
     server_lr: Optional[float] = typer.Option(None, help="FedAdam server learning rate."),
     cpus_per_client: Optional[float] = typer.Option(None, help="CPUs reserved for each simulated client."),
+    eval_fraction: Optional[float] = typer.Option(
+        None, help="Share of clients that evaluate the new model on their validation split each round (seeded sample; default 1: all)."
+    ),
+    ray_address: Optional[str] = typer.Option(
+        None, help="Run on an existing Ray cluster: auto, HOST:PORT or ray://HOST:PORT (default: start a local Ray). Allowed with --resume."
+    ),
     dp: Optional[bool] = typer.Option(None, "--dp/--no-dp", help="Sample-level DP-SGD on clients (default: on)."),
     noise_multiplier: Optional[float] = typer.Option(None, help="DP-SGD noise multiplier sigma."),
     max_grad_norm: Optional[float] = typer.Option(None, help="DP-SGD per-sample clipping norm."),
@@ -138,10 +144,10 @@ def run(
     from shared.config import resolve
 
     if resume is not None:
-        given = sorted(k.replace("_", "-") for k, v in settings.items() if v is not None)
+        given = sorted(k.replace("_", "-") for k, v in settings.items() if v is not None and k != "ray_address")
         if given or config:
             raise FedauditError(f"--resume takes the run's stored config; drop {', '.join('--' + g for g in given) or '--config'}")
-        job = prepare_resume(resume, runs_dir)
+        job = prepare_resume(resume, runs_dir, ray_address=ray_address)
     else:
         if settings["data"] is not None:
             settings["data"] = str(settings["data"])

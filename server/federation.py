@@ -1,7 +1,8 @@
 """The federated round loop that a fedaudit ServerApp runs.
 
 Per round: sample participants, train, commit the privacy spend, aggregate, run
-per-client evaluation, evaluate centrally on the server's test split, checkpoint.
+per-client evaluation (every client, or a seeded sample of them with
+``--eval-fraction``), evaluate centrally on the server's test split, checkpoint.
 The spend is committed before the new global model exists anywhere else.
 """
 
@@ -243,6 +244,7 @@ def _run_rounds(grid: Grid, job: ServerJob, log: AuditLog, exchange_key) -> dict
         c.seed,
         mode="poisson" if c.client_dp else "fixed",
         evaluated=range(c.clients),
+        eval_fraction=c.eval_fraction,
     )
     client_dp: ClientLevelDP | None = None
     if c.client_dp:

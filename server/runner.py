@@ -21,7 +21,7 @@ from shared import planner, privacy
 from shared.canaries import SECRET_FILE, draw_secret, save_secret
 from shared.config import RunConfig
 from shared.crypto import init_keys, load_registry, load_server_keys
-from shared.data import client_data, prepare
+from shared.data import client_sizes, prepare
 from shared.errors import BadInput
 from shared.models import build_model
 from shared.store import RunStore, atomic_write_bytes, new_run_id, resolve_runs_dir
@@ -48,7 +48,8 @@ def preflight(config: RunConfig) -> Preflight:
     meta = prepared.meta
     model_name = config.model or meta.default_model
     build_model(model_name, meta.num_features, meta.num_classes, meta.image_side)
-    sizes = [len(client_data(spec, i).y_train) for i in range(config.clients)]
+    # From the partition offsets: no client's records are gathered, at any client count.
+    sizes = client_sizes(spec)
     smallest = min(sizes)
     if smallest < config.batch_size:
         client = sizes.index(smallest)
@@ -140,17 +141,22 @@ def prepare_run(
     )
 
 
-def prepare_resume(run_id: str, runs_dir: str | Path | None) -> ServerJob:
+def prepare_resume(run_id: str, runs_dir: str | Path | None, ray_address: str | None = None) -> ServerJob:
     """Continue an interrupted run from its last checkpoint, ledger restored.
 
     Spend committed for the round that was in flight is set aside (not deleted) and
     still counted in every client's epsilon, so epsilon can only be over-reported.
+    ``ray_address`` replaces the stored one: where a run executes is not part of what
+    it computes, and a cluster's address may have changed since.
     """
     store = RunStore(runs_dir)
     record = store.get_run(run_id)
     if record.status in ("completed", "budget-exhausted"):
         raise BadInput(f"run {run_id} already ended with status {record.status}; nothing to resume")
-    config = RunConfig.from_stored(record.config).validate()
+    config = RunConfig.from_stored(record.config)
+    if ray_address is not None:
+        config = replace(config, ray_address=ray_address)
+    config = config.validate()
     last = store.last_checkpointed_round(run_id)
     while last and not (store.run_dir(run_id) / "checkpoints" / f"round-{last:04d}.safetensors").exists():
         last -= 1
@@ -186,6 +192,23 @@ def client_app_for(job: ServerJob):
     return _load(CLIENT_APP_REF)
 
 
+def ray_init_args(config: RunConfig, verbose: bool = False) -> dict:
+    """The ``ray.init`` arguments of a run (Flower's RayBackend passes them through).
+
+    With ``config.ray_address`` set, ``ray.init(address=...)`` connects to that running
+    cluster instead of starting a local Ray: ``"auto"`` finds one started on this machine
+    with ``ray start``, ``"HOST:PORT"`` names a head node's GCS, ``"ray://HOST:PORT"``
+    uses Ray Client. Flower then starts ``cluster CPUs / cpus-per-client`` actors across
+    every node, and ``ray.shutdown()`` at the end only disconnects from the cluster.
+    """
+    from shared import quiet
+
+    args = quiet.ray_init_args(verbose)
+    if config.ray_address:
+        args["address"] = config.ray_address
+    return args
+
+
 def run_simulation_job(
     job: ServerJob,
     *,
@@ -209,7 +232,7 @@ def run_simulation_job(
     os.environ["RAY_TMPDIR"] = str(ray_dir)
     backend_config = {
         "client_resources": {"num_cpus": job.config.cpus_per_client, "num_gpus": 0.0},
-        "init_args": quiet.ray_init_args(verbose),
+        "init_args": ray_init_args(job.config, verbose),
     }
     started = time.time()
     error = None

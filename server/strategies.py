@@ -75,9 +75,13 @@ class ParticipatingClients(Strategy):
 
     ``node_of`` maps partition id -> node id. Sampling is over sorted partition ids,
     so a seed gives the same participants in every run and on every engine.
+
+    ``eval_fraction`` < 1 evaluates only a seeded sample of round(eval_fraction * N)
+    clients each round (see :meth:`evaluators`); 1 evaluates every client. Only the
+    partition ids in ``evaluated`` (default: all) can evaluate: canary clients hold no data.
     """
 
-    def __init__(self, inner: Strategy, node_of: dict[int, int], fraction: float, seed: int, mode: str = "fixed", evaluated: Iterable[int] | None = None):
+    def __init__(self, inner: Strategy, node_of: dict[int, int], fraction: float, seed: int, mode: str = "fixed", eval_fraction: float = 1.0, evaluated: Iterable[int] | None = None):
         if mode not in ("fixed", "poisson"):
             raise ValueError(mode)
         self.inner = inner
@@ -87,6 +91,7 @@ class ParticipatingClients(Strategy):
         self.fraction = fraction
         self.seed = seed
         self.mode = mode
+        self.eval_fraction = eval_fraction
 
     def participants(self, server_round: int) -> list[int]:
         ids = list(self.node_of)
@@ -110,8 +115,23 @@ class ParticipatingClients(Strategy):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         return self.inner.aggregate_train(server_round, replies)
 
+    def evaluators(self, server_round: int) -> list[int]:
+        """The partition ids that evaluate the model of ``server_round``.
+
+        Every client when ``eval_fraction`` is 1. Otherwise a fixed-size sample drawn
+        independently of the training sample (its own seeded stream), so the clients that
+        just trained are not favoured and the estimate of federated accuracy stays unbiased.
+        """
+        ids = list(self.evaluated)
+        if self.eval_fraction >= 1.0:
+            return ids
+        rng = np.random.default_rng([self.seed, server_round, 0xE7A1])
+        count = max(1, int(round(len(ids) * self.eval_fraction)))
+        return sorted(rng.choice(ids, size=count, replace=False).tolist())
+
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        return self.inner.configure_evaluate(server_round, arrays, config, GridView(grid, [self.node_of[p] for p in self.evaluated]))
+        nodes = [self.node_of[p] for p in self.evaluators(server_round)]
+        return self.inner.configure_evaluate(server_round, arrays, config, GridView(grid, nodes))
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         return self.inner.aggregate_evaluate(server_round, replies)

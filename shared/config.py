@@ -50,6 +50,10 @@ class RunConfig:
     proximal_mu: float = 0.01
     server_lr: float = 0.1
     cpus_per_client: float = 1.0
+    # share of clients that evaluate the new global model each round (seeded sample)
+    eval_fraction: float = 1.0
+    # an existing Ray cluster to run the simulation on (None: start a local Ray)
+    ray_address: str | None = None
     # sample-level differential privacy
     dp: bool = True
     noise_multiplier: float = 1.2
@@ -157,6 +161,10 @@ class RunConfig:
             raise BadInput(f"--fraction must be in (0, 1], got {self.fraction}")
         if not self.cpus_per_client > 0:
             raise BadInput(f"--cpus-per-client must be > 0, got {self.cpus_per_client}")
+        if not (0.0 < self.eval_fraction <= 1.0):
+            raise BadInput(f"--eval-fraction must be in (0, 1], got {self.eval_fraction}")
+        if self.ray_address is not None and (not self.ray_address.strip() or any(ch.isspace() for ch in self.ray_address)):
+            raise BadInput(f"--ray-address must be 'auto', HOST:PORT or ray://HOST:PORT, got {self.ray_address!r}")
         if self.dp:
             if not self.noise_multiplier > 0:
                 raise BadInput(f"--noise-multiplier must be > 0 in private mode, got {self.noise_multiplier}")

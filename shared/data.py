@@ -3,11 +3,17 @@
 Everything here is deterministic for a given :class:`DataSpec` (it carries the seed),
 so the server and every client rebuild exactly the same split from the spec alone,
 without shipping data over the federation.
+
+Partitions are lazy: :func:`prepare` keeps one permutation of the training records and
+the offsets where each client's share starts (:class:`Partitions`), and a client's
+records are gathered only when :func:`client_data` asks for that client. Memory is the
+training set plus one integer per client, whatever the number of clients.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -50,6 +56,42 @@ class DataMeta:
     default_model: str
 
 
+class Partitions(Sequence):
+    """Every client's indices into the training records, built on demand.
+
+    Stored as one ordering of the training records and ``N + 1`` offsets: client ``i``
+    holds ``order[starts[i]:starts[i + 1]]``. Indexing returns a read-only view, so
+    asking for one client copies nothing and builds no other client's share.
+
+    Parameters
+    ----------
+    order : numpy.ndarray
+        Indices into the training records, grouped client by client.
+    starts : numpy.ndarray
+        ``N + 1`` non-decreasing offsets into ``order``, from 0 to ``len(order)``.
+    """
+
+    def __init__(self, order: np.ndarray, starts: np.ndarray):
+        self._order = np.asarray(order, dtype=np.int64)
+        self._starts = np.asarray(starts, dtype=np.int64)
+        self._order.flags.writeable = False
+        if self._starts[0] != 0 or self._starts[-1] != len(self._order) or (np.diff(self._starts) < 0).any():
+            raise ValueError("partition offsets must rise from 0 to the number of records")
+
+    def __len__(self) -> int:
+        return len(self._starts) - 1
+
+    def __getitem__(self, partition_id: int) -> np.ndarray:
+        # Sequence iteration stops at IndexError; negative ids are not client ids.
+        if not 0 <= partition_id < len(self):
+            raise IndexError(partition_id)
+        return self._order[self._starts[partition_id]:self._starts[partition_id + 1]]
+
+    def sizes(self) -> np.ndarray:
+        """Records per client, read from the offsets (no client's indices are built)."""
+        return np.diff(self._starts)
+
+
 @dataclass
 class Prepared:
     meta: DataMeta
@@ -57,7 +99,7 @@ class Prepared:
     y_train: np.ndarray
     x_test: np.ndarray
     y_test: np.ndarray
-    client_indices: list[np.ndarray]  # indices into x_train, one array per client
+    client_indices: Partitions  # indices into x_train, one read-only array per client, built on demand
     # The canary pool (see carve_canaries): records taken out of the test split, with
     # the wrong label each canary is trained on. Which canaries are used is secret.
     canary_x: np.ndarray | None = None
@@ -180,46 +222,73 @@ def _standardize(x_train: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
     return [((a - mean) / std).astype(np.float32) for a in (x_train, *others)]
 
 
-def _partition(y: np.ndarray, spec: DataSpec) -> list[np.ndarray]:
+def _shard_starts(n: int, num_clients: int) -> np.ndarray:
+    """Offsets of ``num_clients`` contiguous shards of ``n`` records.
+
+    The first ``n % num_clients`` shards get one record more: the same shards as
+    flwr-datasets' IidPartitioner (``Dataset.shard(contiguous=True)``), so partitions
+    did not change when they became lazy.
+    """
+    div, mod = divmod(n, num_clients)
+    ids = np.arange(num_clients + 1, dtype=np.int64)
+    return div * ids + np.minimum(ids, mod)
+
+
+def _dirichlet(y: np.ndarray, spec: DataSpec, alpha: float) -> Partitions:
+    # A Dirichlet split is one joint draw over all clients (each class's records are
+    # divided among every client at once), so it cannot be computed per client. It is
+    # drawn once and kept in the same compact form as an IID split: one ordering of the
+    # records plus offsets, never one table per client.
     import datasets as hf
-    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
+    from flwr_datasets.partitioner import DirichletPartitioner
 
     hf.disable_progress_bars()
     logging.getLogger("datasets").setLevel(logging.ERROR)
+    partitioner = DirichletPartitioner(
+        num_partitions=spec.num_clients,
+        partition_by="label",
+        alpha=alpha,
+        min_partition_size=2,
+        self_balancing=False,
+        shuffle=True,
+        seed=spec.seed,
+    )
+    partitioner.dataset = hf.Dataset.from_dict({"idx": np.arange(len(y)), "label": y})
+    try:
+        first = np.asarray(partitioner.load_partition(0)["idx"], dtype=np.int64)
+    except ValueError as exc:
+        raise BadInput(f"cannot partition {len(y)} samples into {spec.num_clients} clients with {spec.partition}: {exc}") from None
+    # The first load drew the whole assignment; reading it directly avoids building one
+    # Dataset per client (seconds at thousands of clients). The table's idx column is
+    # arange(n), so these are exactly the indices load_partition returns (tested).
+    assignment = getattr(partitioner, "_partition_id_to_indices", None)
+    if assignment is None or len(assignment) != spec.num_clients:
+        parts = [first] + [np.asarray(partitioner.load_partition(i)["idx"], dtype=np.int64) for i in range(1, spec.num_clients)]
+    else:
+        parts = [np.asarray(assignment[i], dtype=np.int64) for i in range(spec.num_clients)]
+    starts = np.zeros(spec.num_clients + 1, dtype=np.int64)
+    np.cumsum([len(p) for p in parts], out=starts[1:])
+    return Partitions(np.concatenate(parts) if parts else np.zeros(0, np.int64), starts)
+
+
+def _partition(y: np.ndarray, spec: DataSpec) -> Partitions:
     n = len(y)
     if n < spec.num_clients:
         raise BadInput(f"fewer training samples ({n}) than clients ({spec.num_clients})")
-    rng = np.random.default_rng(spec.seed)
     kind, _, arg = spec.partition.partition(":")
     if kind == "iid" and not arg:
-        # IidPartitioner shards contiguously: shuffle first so shards are random.
-        order = rng.permutation(n)
-        table = hf.Dataset.from_dict({"idx": order, "label": y[order]})
-        partitioner = IidPartitioner(num_partitions=spec.num_clients)
-    elif kind == "dirichlet":
+        # Shuffle once, then contiguous shards: a client's share is a slice of the permutation.
+        order = np.random.default_rng(spec.seed).permutation(n)
+        return Partitions(order, _shard_starts(n, spec.num_clients))
+    if kind == "dirichlet":
         try:
             alpha = float(arg)
         except ValueError:
             raise BadInput(f"bad partition {spec.partition!r}: use dirichlet:ALPHA with a number ALPHA > 0") from None
         if not alpha > 0:
             raise BadInput(f"bad partition {spec.partition!r}: ALPHA must be > 0")
-        table = hf.Dataset.from_dict({"idx": np.arange(n), "label": y})
-        partitioner = DirichletPartitioner(
-            num_partitions=spec.num_clients,
-            partition_by="label",
-            alpha=alpha,
-            min_partition_size=2,
-            self_balancing=False,
-            shuffle=True,
-            seed=spec.seed,
-        )
-    else:
-        raise BadInput(f"unknown partition {spec.partition!r}; use iid or dirichlet:ALPHA")
-    partitioner.dataset = table
-    try:
-        return [np.asarray(partitioner.load_partition(i)["idx"], dtype=np.int64) for i in range(spec.num_clients)]
-    except ValueError as exc:
-        raise BadInput(f"cannot partition {n} samples into {spec.num_clients} clients with {spec.partition}: {exc}") from None
+        return _dirichlet(y, spec, alpha)
+    raise BadInput(f"unknown partition {spec.partition!r}; use iid or dirichlet:ALPHA")
 
 
 # ----------------------------------------------------------------------------- public
@@ -256,7 +325,7 @@ def prepare(spec: DataSpec) -> Prepared:
             x_test = np.concatenate([p[2] for p in parts])
             y_test = np.concatenate([p[3] for p in parts])
             bounds = np.cumsum([0] + [len(p[1]) for p in parts])
-            client_indices = [np.arange(bounds[i], bounds[i + 1]) for i in range(len(parts))]
+            client_indices = Partitions(np.arange(len(y_train)), bounds)
             x_train, x_test = _standardize(x_train, x_test)
             x_test, y_test, canary_x, canary_y = carve_canaries(x_test, y_test, spec, meta.num_classes)
             return Prepared(meta, x_train, y_train, x_test, y_test, client_indices, canary_x, canary_y)
@@ -297,8 +366,25 @@ def carve_canaries(x_test: np.ndarray, y_test: np.ndarray, spec: DataSpec, num_c
     return x_test[rest], y_test[rest], x_test[pool], wrong.astype(np.int64)
 
 
+def _val_count(records: int, val_fraction: float) -> int:
+    """How many of a client's ``records`` go to its validation split (0: none)."""
+    n_val = int(round(records * val_fraction))
+    return n_val if n_val >= 1 and records - n_val >= 1 else 0
+
+
+def client_sizes(spec: DataSpec) -> list[int]:
+    """Every client's number of training records, without building any client's data.
+
+    Equal to ``len(client_data(spec, i).y_train)`` for every ``i``, computed from the
+    partition offsets alone, so the server can check sizes and derive delta for
+    thousands of clients cheaply.
+    """
+    sizes = prepare(spec).client_indices.sizes()
+    return [int(n) - _val_count(int(n), spec.val_fraction) for n in sizes]
+
+
 def client_data(spec: DataSpec, partition_id: int) -> ClientData:
-    """A client's local training and validation records."""
+    """A client's local training and validation records (only this client's are gathered)."""
     from sklearn.model_selection import train_test_split
 
     prepared = prepare(spec)
@@ -306,8 +392,8 @@ def client_data(spec: DataSpec, partition_id: int) -> ClientData:
         raise BadInput(f"partition id {partition_id} out of range for {len(prepared.client_indices)} clients")
     idx = prepared.client_indices[partition_id]
     x, y = prepared.x_train[idx], prepared.y_train[idx]
-    n_val = int(round(len(y) * spec.val_fraction))
-    if n_val < 1 or len(y) - n_val < 1:
+    n_val = _val_count(len(y), spec.val_fraction)
+    if not n_val:
         return ClientData(x, y, x[:0], y[:0])
     x_tr, x_val, y_tr, y_val = train_test_split(x, y, test_size=n_val, random_state=spec.seed + partition_id)
     return ClientData(x_tr, y_tr, x_val, y_val)

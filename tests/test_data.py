@@ -78,3 +78,94 @@ def test_user_csv_and_folder(tmp_path):
     assert [len(i) for i in per_client.client_indices] == [30, 30, 30]
     with pytest.raises(BadInput, match="holds 3 files"):
         prepare(DataSpec(dataset=None, data=str(folder), label="target", num_clients=4))
+
+
+# ----------------------------------------------------------------------------- scale: lazy partitions
+
+BIG = DataSpec(dataset="synthetic", num_clients=1000, synthetic_samples=20000, synthetic_features=8, seed=5)
+
+
+def test_one_client_of_a_thousand_builds_only_that_client(monkeypatch):
+    import sklearn.model_selection
+    from shared.data import Partitions
+
+    prepared = prepare(BIG)
+    gathered, splits = [], []
+    real_getitem, real_split = Partitions.__getitem__, sklearn.model_selection.train_test_split
+    monkeypatch.setattr(Partitions, "__getitem__", lambda self, i: gathered.append(i) or real_getitem(self, i))
+    monkeypatch.setattr(sklearn.model_selection, "train_test_split", lambda *a, **k: splits.append(1) or real_split(*a, **k))
+    data = client_data(BIG, 123)
+    assert gathered == [123] and len(splits) == 1  # no other client's indices or split
+    idx = real_getitem(prepared.client_indices, 123)
+    assert len(data.y_train) + len(data.y_val) == len(idx) == 16
+    assert sorted(map(bytes, np.concatenate([data.x_train, data.x_val]))) == sorted(map(bytes, prepared.x_train[idx]))
+
+
+def test_partition_memory_does_not_grow_with_the_client_count():
+    import tracemalloc
+
+    from shared.data import prepare as cached
+
+    def retained(num_clients: int) -> int:
+        tracemalloc.start()
+        kept = cached.__wrapped__(DataSpec(dataset="synthetic", num_clients=num_clients, synthetic_samples=20000, synthetic_features=8, seed=5))
+        size = tracemalloc.get_traced_memory()[0]
+        tracemalloc.stop()
+        assert len(kept.client_indices) == num_clients
+        return size
+
+    retained(10)  # warm-up: the first call also pays for imports and caches
+    few, many = retained(10), retained(1000)
+    # 990 more clients may cost their offsets (8 bytes each) and little else; one
+    # array per client would cost about 100 bytes each on top of the indices.
+    assert many - few < 16 * 1024, (few, many)
+
+
+@pytest.mark.parametrize("partition", ["iid", "dirichlet:1"])
+def test_thousand_partitions_are_disjoint_complete_and_deterministic(partition):
+    spec = DataSpec(dataset="synthetic", num_clients=1000 if partition == "iid" else 200, synthetic_samples=20000, synthetic_features=8,
+                    partition=partition, seed=5)
+    a = prepare(spec).client_indices
+    b = prepare.__wrapped__(spec).client_indices  # rebuilt from the spec, not the cache
+    everything = np.concatenate(list(a))
+    assert np.array_equal(np.sort(everything), np.arange(len(prepare(spec).y_train)))
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    with pytest.raises(ValueError):
+        a[0][0] = 1  # clients get read-only views of the shared ordering
+
+
+@pytest.mark.parametrize("spec", [
+    BIG,
+    DataSpec(num_clients=7, partition="dirichlet:0.5", seed=3),
+    DataSpec(num_clients=9, val_fraction=0.0),
+    DataSpec(dataset="synthetic", num_clients=500, synthetic_samples=2000, val_fraction=0.3, seed=1),  # 3-4 records each
+])
+def test_client_sizes_match_the_built_client_data(spec):
+    from shared.data import client_sizes
+
+    assert client_sizes(spec) == [len(client_data(spec, i).y_train) for i in range(spec.num_clients)]
+
+
+def test_dirichlet_partitions_equal_flwr_datasets_load_partition():
+    import datasets as hf
+    from flwr_datasets.partitioner import DirichletPartitioner
+
+    spec = DataSpec(num_clients=6, partition="dirichlet:0.4", seed=2)
+    prepared = prepare(spec)
+    reference = DirichletPartitioner(num_partitions=6, partition_by="label", alpha=0.4, min_partition_size=2, self_balancing=False, shuffle=True, seed=2)
+    reference.dataset = hf.Dataset.from_dict({"idx": np.arange(len(prepared.y_train)), "label": prepared.y_train})
+    for i in range(6):
+        assert np.array_equal(prepared.client_indices[i], np.asarray(reference.load_partition(i)["idx"]))
+
+
+def test_iid_partitions_equal_flwr_datasets_iid_partitioner():
+    import datasets as hf
+    from flwr_datasets.partitioner import IidPartitioner
+
+    spec = DataSpec(num_clients=9, seed=8)  # 1437 records: uneven shards
+    prepared = prepare(spec)
+    order = np.random.default_rng(8).permutation(len(prepared.y_train))
+    reference = IidPartitioner(num_partitions=9)
+    reference.dataset = hf.Dataset.from_dict({"idx": order})
+    for i in range(9):
+        assert np.array_equal(prepared.client_indices[i], np.asarray(reference.load_partition(i)["idx"]))
