@@ -77,7 +77,7 @@ class ServerJob:
     result: dict = field(default_factory=dict)
 
 
-def _config_record(job: ServerJob) -> ConfigRecord:
+def _config_record(job: ServerJob, meta=None) -> ConfigRecord:
     c = job.config
     values = {
         "run-id": job.run_id,
@@ -98,6 +98,10 @@ def _config_record(job: ServerJob) -> ConfigRecord:
         "proximal-mu": c.proximal_mu if c.strategy == "fedprox" else 0.0,
         **spec_to_record(c.data_spec),
     }
+    if meta is not None:
+        # The model's shape, so a node reading its own local data (deployment
+        # `--data-dir`) need not rebuild the server's dataset to build the model.
+        values.update({"model.num-features": meta.num_features, "model.num-classes": meta.num_classes, "model.image-side": meta.image_side or 0})
     return ConfigRecord(values)
 
 
@@ -228,7 +232,7 @@ def _run_rounds(grid: Grid, job: ServerJob, log: AuditLog, exchange_key) -> dict
         json.dumps({"model": job.model_name, "num_features": meta.num_features, "num_classes": meta.num_classes, "image_side": meta.image_side}).encode(),
     )
 
-    base = _config_record(job)
+    base = _config_record(job, meta)
     node_of = describe_clients(grid, job, base)
     strategy: Strategy = ParticipatingClients(
         build_strategy(
