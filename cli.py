@@ -547,8 +547,8 @@ def superlink(
         extra["FEDAUDIT_KEYS_DIR"] = str(keys)
         if keys_passphrase_env:
             extra["FEDAUDIT_KEYS_PASSPHRASE_ENV"] = keys_passphrase_env
-    runs.mkdir(parents=True, exist_ok=True)
     cmd = superlink_command(certs=certs, insecure=insecure, host=host, port=port, database=(database or runs / "superlink.db").resolve())
+    runs.mkdir(parents=True, exist_ok=True)
     mode = "plain text (--insecure)" if insecure else f"TLS with {Path(certs).resolve()}"
     banner = f"SuperLink on {host}:{port}, {mode}; server run store {runs}" + ("" if keys else "; no --keys: encrypted runs will be refused")
     _serve(cmd, flower_env(extra), "SuperLink", verbose, log_file.resolve() if log_file else None, banner)
