@@ -153,7 +153,10 @@ def _let_logs_drain() -> None:
 
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+    first = text[0] if text else ""
+    if isinstance(exc, BadInput):  # already a sentence meant for the user
+        return first
+    return f"{type(exc).__name__}: {first}".rstrip(": ")
 
 
 def _finite(value):

@@ -469,3 +469,48 @@ def _rounds_done(db: Path) -> int:
             return conn.execute("SELECT COUNT(*) FROM rounds WHERE model_sha256 IS NOT NULL").fetchone()[0]
     except sqlite3.Error:
         return 0
+
+
+@pytest.mark.deployment
+def test_plain_text_superlink_without_keys(tmp_path):
+    """Against a real --insecure SuperLink: TLS settings are a named mismatch, and an
+    encrypted run on a SuperLink without --keys is recorded as failed with the reason."""
+    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home"), "PYTHONPATH": str(ROOT)}
+    env.pop("FEDAUDIT_RUNS_DIR", None)
+    port = free_port()
+    out = open(tmp_path / "superlink.out", "wb")
+    link = subprocess.Popen([sys.executable, "-m", "cli", "superlink", "--insecure", "--port", str(port), "--runs-dir", str(tmp_path / "server-runs")],
+                            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.time() < deadline and link.poll() is None, (tmp_path / "superlink.out").read_text()
+                time.sleep(0.5)
+        ca = init_certs(tmp_path / "certs").ca_cert
+        runs = tmp_path / "runs"
+        base = ("run", "--engine", "deployment", "--superlink", f"127.0.0.1:{port}", "--clients", "2", "--rounds", "1", "--runs-dir", str(runs))
+        mismatch = run_cli(*base, "--root-certificates", str(ca), env=env, timeout=120)
+        assert mismatch.returncode == 2 and "does not speak TLS" in mismatch.stderr and not runs.exists()
+
+        failed = run_cli(*base, "--insecure", "--json", env=env, timeout=300)
+        assert failed.returncode == 1, failed.stderr
+        summary = json.loads(failed.stdout)
+        assert summary["status"] == "failed" and "no keys" in summary["error"]
+        listed = json.loads(run_cli("runs", "--json", runs_dir=runs).stdout)
+        assert [(r["run_id"], r["status"]) for r in listed] == [(summary["run_id"], "failed")]
+    finally:
+        try:
+            os.killpg(link.pid, signal.SIGTERM)
+            link.wait(timeout=20)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+        try:
+            os.killpg(link.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        link.wait(timeout=10)
+        out.close()
