@@ -61,26 +61,35 @@ def deployment_job(run_config: dict, environ: dict | None = None) -> ServerJob:
         raise BadInput("encryption is on but the SuperLink host has no keys: start it with `fedaudit superlink --keys DIR`")
     runs_dir = settings.get("runs-dir") or env.get("FEDAUDIT_RUNS_DIR") or None
     settings["runs-dir"] = runs_dir or ""
-    _release_run_id(RunStore(runs_dir), run_id)
-    job = job_from_run_config(settings, run_id=run_id, keys_dir=keys_dir or None, keys_passphrase_env=passphrase_env)
+    store = RunStore(runs_dir)
+    placeholder = _take_placeholder(store, run_id)
+    try:
+        job = job_from_run_config(settings, run_id=run_id, keys_dir=keys_dir or None, keys_passphrase_env=passphrase_env)
+    except BaseException:
+        if placeholder is not None:  # give the CLI its row back, so it can record the failure
+            with store.connect() as conn:
+                conn.execute(f"INSERT INTO runs ({', '.join(placeholder)}) VALUES ({', '.join('?' * len(placeholder))})", list(placeholder.values()))
+        raise
     job.timeout = timeout
     RunStore(job.runs_dir).update_run(run_id, info={"engine": "deployment", "reply_timeout": timeout})
     return job
 
 
-def _release_run_id(store: RunStore, run_id: str) -> None:
+def _take_placeholder(store: RunStore, run_id: str) -> dict | None:
     """When the SuperLink and the submitting CLI share one run store, the CLI's
-    placeholder row (status running, no rounds) is taken over by the server."""
+    placeholder row (status running, no rounds) is taken over by the server: it is
+    removed here, and returned so it can be put back if the server cannot start."""
     if not store.db_path.exists():
-        return
+        return None
     with store.connect() as conn:
-        row = conn.execute("SELECT status, info FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        row = conn.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
         if row is None:
-            return
+            return None
         rounds = conn.execute("SELECT COUNT(*) FROM rounds WHERE run_id = ?", (run_id,)).fetchone()[0]
         if row["status"] != "running" or rounds or '"submitted"' not in row["info"]:
             raise BadInput(f"run {run_id} already exists in the server's run store {store.root}")
         conn.execute("DELETE FROM runs WHERE run_id = ?", (run_id,))
+        return dict(row)
 
 
 def export_run(store: RunStore, run_id: str, keys_dir: str | None) -> dict:

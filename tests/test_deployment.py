@@ -210,6 +210,26 @@ def test_app_config_holds_no_none_and_names_the_run():
     assert values["run-id"] == "run-1" and values["fedaudit-engine"] == "deployment" and values["reply-timeout"] == 120.0
 
 
+def test_server_takes_over_the_cli_placeholder_in_a_shared_store(tmp_path):
+    from server.deployment import deployment_job
+    from shared.store import RunStore
+
+    store = RunStore(tmp_path / "runs")
+    env = {"FEDAUDIT_RUNS_DIR": str(store.root)}
+    store.create_run("r1", {}, info={"engine": "deployment", "submitted": {}})
+    job = deployment_job(app_config(resolve(None, dataset="digits", clients=2, rounds=1, encrypt=False), "r1", 60.0), environ=env)
+    assert job.run_id == "r1" and job.timeout == 60.0
+    record = store.get_run("r1")
+    assert record.info["engine"] == "deployment" and record.config["clients"] == 2
+    # The server cannot start: the CLI's row is put back, so the failure can be recorded.
+    store.create_run("r2", {}, info={"engine": "deployment", "submitted": {}})
+    with pytest.raises(BadInput, match="fewer than --batch-size"):
+        deployment_job(app_config(resolve(None, dataset="digits", clients=2, rounds=1, encrypt=False, batch_size=5000), "r2", 60.0), environ=env)
+    assert store.get_run("r2").status == "running"
+    with pytest.raises(BadInput, match="no keys"):
+        deployment_job(app_config(resolve(None, dataset="digits", clients=2, rounds=1), "r3", 60.0), environ=env)
+
+
 def test_node_config_keys_override_the_message(tmp_path, monkeypatch):
     from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
