@@ -280,7 +280,7 @@ def _clients_table(summaries: list[dict]) -> Table:
 
 def _print_summary(summary: dict) -> None:
     table = Table(title=f"run {summary['run_id']}", show_header=False, title_justify="left")
-    for key in ("status", "rounds", "accuracy", "f1_macro", "epsilon", "epsilon_rdp", "client_epsilon", "client_epsilon_rdp", "delta",
+    for key in ("engine", "superlink", "status", "rounds", "accuracy", "f1_macro", "epsilon", "epsilon_rdp", "client_epsilon", "client_epsilon_rdp", "delta",
                 "accountant", "privacy_unit", "max_epsilon", "budget_left", "wall_time", "run_dir"):
         if key in summary:
             value = summary[key]

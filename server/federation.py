@@ -130,6 +130,11 @@ def describe_clients(grid: Grid, job: ServerJob, base: ConfigRecord) -> dict[int
     for reply in replies:
         m = _metrics(reply)
         pid = int(m[PARTITION_ID])
+        # On real SuperNodes partition ids are set by hand (`fedaudit supernode --partition-id`).
+        if not 0 <= pid < job.config.clients:
+            raise FederationError(f"a client node says it is client {pid}, outside 0..{job.config.clients - 1} (--clients {job.config.clients})")
+        if pid in node_of:
+            raise FederationError(f"two client nodes both say they are client {pid}; give every SuperNode its own --partition-id")
         node_of[pid] = reply.metadata.src_node_id
         summaries.append({"client": pid, "num_train": int(m[NUM_EXAMPLES]), "num_val": int(m["num-val"]), "label_histogram": list(m["label-histogram"])})
     summaries.sort(key=lambda s: s["client"])

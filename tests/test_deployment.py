@@ -430,6 +430,15 @@ def test_loopback_audit_log_verifies(loopback_run, loopback):
 
 
 @pytest.mark.deployment
+def test_loopback_run_can_be_audited(loopback_run):
+    summary, runs, _ = loopback_run
+    proc = run_cli("audit", summary["run_id"], "--reference-models", "0", "--json", runs_dir=runs)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout)
+    assert report["utility"]["accuracy"] == pytest.approx(summary["accuracy"])
+
+
+@pytest.mark.deployment
 @pytest.mark.parametrize("args, expected", [(["--insecure"], "speaks TLS but --insecure was given"), (["--root-certificates", "OTHER"], "not signed by")])
 def test_loopback_tls_mismatch_is_named_before_submitting(loopback, args, expected, tmp_path):
     if "OTHER" in args:
