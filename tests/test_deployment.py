@@ -369,6 +369,7 @@ def loopback(tmp_path_factory):
     x, y = np.concatenate([part.x_train, part.x_val]), np.concatenate([part.y_train, part.y_val])
     frame = pd.DataFrame(x, columns=[f"p{i}" for i in range(x.shape[1])])
     frame["label"] = y
+    frame = frame.iloc[:700]  # not the partition's 718 rows, to tell the two apart
     (base / "node1-data").mkdir()
     frame.to_csv(base / "node1-data" / "digits-part.csv", index=False)
     federation = Federation(base, nodes=2, data_dirs={1: base / "node1-data"})
@@ -399,8 +400,9 @@ def test_loopback_tls_run_lands_in_the_local_store(loopback_run, loopback):
     assert summary["rounds"] == 2 and summary["encrypted"] is True
     assert summary["epsilon"] > 0 and summary["delta"] > 0
     assert summary["accuracy"] > 0.5
-    # Node 1 trained on its own file: 90% of its rows for training, as the partition would.
-    assert {c["client"] for c in summary["clients"]} == {0, 1}
+    # Node 1 read its own file (700 rows: 630 to train, 70 to validate), not its partition.
+    sizes = {c["client"]: (c["num_train"], c["num_val"]) for c in summary["clients"]}
+    assert sizes[1] == (630, 70) and sizes[0][0] > 600
     run_dir = Path(summary["run_dir"])
     assert run_dir.parent == runs.resolve()
     for name in ("model.safetensors", "model.json", "audit.jsonl", "audit.jsonl.sig", "config.toml", "keys/registry.json"):
