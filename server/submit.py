@@ -277,6 +277,10 @@ def _env(flwr_home: Path) -> dict:
     return env
 
 
+def _plain(line: str) -> str:
+    return re.sub(r"\x1b\[[0-9;]*m", "", line).strip()
+
+
 def _follow(cmd: list[str], env: dict, cwd: Path, reader: LogReader, on_line: Callable[[str], None], timeout: float | None = None) -> tuple[int, list[str]]:
     """Run a flwr command and feed its output line by line; return (exit code, its own lines)."""
     proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, errors="replace")
@@ -344,7 +348,8 @@ def run_deployment_job(
                 code, own = _follow([flwr, "run", str(app_dir), CONNECTION, "--stream"], env, tmp_path, reader, on_line)
                 if not reader.has_bundle and job.flower_run_id is not None and reader.last("end") is None:
                     # The stream broke off early: read the whole log again once the run is over.
-                    _follow([flwr, "log", str(job.flower_run_id), CONNECTION, "--stream"], env, tmp_path, reader, on_line)
+                    _, more = _follow([flwr, "log", str(job.flower_run_id), CONNECTION, "--stream"], env, tmp_path, reader, on_line)
+                    own += more
             except KeyboardInterrupt:
                 if job.flower_run_id is not None:
                     subprocess.run([flwr, "stop", str(job.flower_run_id), CONNECTION], env=env, cwd=tmp_path, capture_output=True, timeout=60)
@@ -359,7 +364,9 @@ def run_deployment_job(
                 job.notes.extend(notes)
             else:
                 failure = reader.last("error") or reader.last("end") or {}
-                error = failure.get("error") or "the ServerApp ended without sending its results (see `flwr log` on the SuperLink, or rerun with --verbose)"
+                last = next((_plain(line) for line in reversed(own) if _plain(line)), "")
+                error = failure.get("error") or (
+                    f"no results from the ServerApp (flower run {job.flower_run_id}); last log line: {last[:300] or 'none'}; rerun with --verbose to see the log")
     except BundleError as exc:
         error = f"could not read the server's results: {exc}"
     finally:

@@ -230,6 +230,34 @@ def test_server_takes_over_the_cli_placeholder_in_a_shared_store(tmp_path):
         deployment_job(app_config(resolve(None, dataset="digits", clients=2, rounds=1), "r3", 60.0), environ=env)
 
 
+def _fake_flwr(tmp_path, body: str) -> str:
+    script = tmp_path / "flwr"
+    script.write_text("#!/bin/sh\n" + body)
+    script.chmod(0o755)
+    return str(script)
+
+
+@pytest.mark.parametrize(
+    "body, expected",
+    [
+        ("echo 'Successfully started run 42'\necho 'RuntimeError: boom'\n", "last log line: RuntimeError: boom"),
+        ("echo 'Successfully started run 42'\necho '@@fedaudit {\"event\": \"error\", \"error\": \"only 1 of 2 client nodes connected\"}'\n", "only 1 of 2 client nodes"),
+        ("echo 'Connection to the SuperLink is unavailable' >&2\nexit 1\n", "could not submit the run (exit code 1): Connection to the SuperLink"),
+    ],
+)
+def test_a_failed_deployment_run_is_recorded_failed(tmp_path, monkeypatch, body, expected):
+    import server.submit as submit
+    from shared.store import RunStore
+
+    monkeypatch.setattr(submit, "flwr_binary", lambda: _fake_flwr(tmp_path, body))
+    store = RunStore(tmp_path / "runs")
+    store.create_run("r1", {"dp": True}, info={"engine": "deployment", "submitted": {}})
+    job = submit.DeploymentJob("r1", resolve(None, clients=2, rounds=1), Connection("127.0.0.1", 9, insecure=True), str(store.root))
+    summary = submit.run_deployment_job(job)
+    assert summary["status"] == "failed" and expected in summary["error"], summary["error"]
+    assert store.get_run("r1").status == "failed"
+
+
 def test_node_config_keys_override_the_message(tmp_path, monkeypatch):
     from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
