@@ -134,12 +134,45 @@ def run(
     keys_passphrase_env: Optional[str] = typer.Option(None, help="Environment variable holding the private keys' passphrase."),
     resume: Optional[str] = typer.Option(None, "--resume", metavar="RUN_ID", help="Continue an interrupted run from its last checkpoint."),
     config: Optional[Path] = typer.Option(None, "--config", help="run.toml; flags override it."),
+    engine: str = typer.Option("simulation", "--engine", help="simulation (this machine, Ray) or deployment (a running SuperLink and its SuperNodes)."),
+    superlink: Optional[str] = typer.Option(None, "--superlink", metavar="HOST:PORT", help="deployment: the SuperLink to submit to."),
+    root_certificates: Optional[Path] = typer.Option(None, "--root-certificates", metavar="CA_FILE", help="deployment: CA certificate that signed the SuperLink's (default: the system's trusted CAs)."),
+    insecure: bool = typer.Option(False, "--insecure", help="deployment: talk to a plain-text SuperLink (TLS is on by default)."),
+    reply_timeout: Optional[float] = typer.Option(None, "--reply-timeout", metavar="SECONDS", help="deployment: how long the server waits for a round's replies (default 300)."),
     runs_dir: Optional[Path] = typer.Option(None, help=RUNS_DIR_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object to stdout."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Flower and Ray logs."),
 ) -> None:
-    """Train a federated model on the Simulation Engine and store the run."""
-    settings = {k: v for k, v in locals().items() if k not in {"config", "runs_dir", "as_json", "verbose", "resume", "keys", "keys_passphrase_env"}}
+    """Train a federated model on the Simulation Engine, or on a running SuperLink (--engine deployment), and store the run."""
+    settings = {k: v for k, v in locals().items() if k not in {
+        "config", "runs_dir", "as_json", "verbose", "resume", "keys", "keys_passphrase_env", "engine", "superlink", "root_certificates", "insecure", "reply_timeout",
+    }}
+    from shared.config import resolve
+
+    if engine not in ("simulation", "deployment"):
+        raise FedauditError(f"unknown --engine {engine!r}; choose simulation or deployment")
+    if engine == "deployment":
+        if resume is not None:
+            raise FedauditError("--resume works on the Simulation Engine only")
+        if keys_passphrase_env:
+            raise FedauditError("--keys-passphrase-env: in deployment the server's keys live on the SuperLink host; give it to `fedaudit superlink`")
+        if settings["data"] is not None:
+            settings["data"] = str(settings["data"])
+        summary = _run_deployment(resolve(config, **settings), superlink, root_certificates, insecure, reply_timeout, runs_dir, keys, as_json=as_json, verbose=verbose)
+    else:
+        given = [flag for flag, v in (("--superlink", superlink), ("--root-certificates", root_certificates), ("--insecure", insecure or None), ("--reply-timeout", reply_timeout)) if v is not None]
+        if given:
+            raise FedauditError(f"{', '.join(given)} need(s) --engine deployment")
+        summary = _run_simulation(settings, config, resume, runs_dir, keys, keys_passphrase_env, as_json=as_json, verbose=verbose)
+    if as_json:
+        _print_json(summary)
+    else:
+        _print_summary(summary)
+    if summary["status"] == "failed":
+        raise typer.Exit(EXIT_GATE_FAILED)
+
+
+def _run_simulation(settings: dict, config, resume, runs_dir, keys, keys_passphrase_env, *, as_json: bool, verbose: bool) -> dict:
     from server.runner import prepare_resume, prepare_run
     from shared.config import resolve
 
@@ -152,13 +185,61 @@ def run(
         if settings["data"] is not None:
             settings["data"] = str(settings["data"])
         job = prepare_run(resolve(config, **settings), runs_dir, keys_dir=keys, keys_passphrase_env=keys_passphrase_env)
-    summary = _run_with_progress(job, as_json=as_json, verbose=verbose)
-    if as_json:
-        _print_json(summary)
-    else:
-        _print_summary(summary)
-    if summary["status"] == "failed":
-        raise typer.Exit(EXIT_GATE_FAILED)
+    return _run_with_progress(job, as_json=as_json, verbose=verbose)
+
+
+def _run_deployment(cfg, superlink, root_certificates, insecure, reply_timeout, runs_dir, keys, *, as_json: bool, verbose: bool) -> dict:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from server.deployment import DEFAULT_REPLY_TIMEOUT
+    from server.submit import connection, prepare_deployment, run_deployment_job
+
+    conn = connection(superlink, root_certificates, insecure)
+    job = prepare_deployment(cfg, conn, runs_dir, keys, reply_timeout if reply_timeout is not None else DEFAULT_REPLY_TIMEOUT)
+    modes = [m for m, on in (("sample-level DP", cfg.dp), ("client-level DP", cfg.client_dp)) if on]
+    err.print(f"run {job.run_id}: submitting to SuperLink {conn.describe()}; " + (" + ".join(modes) if modes else "non-private (no DP)"), markup=False)
+    progress = Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
+        console=err, transient=False,
+    )
+    task = progress.add_task("waiting for the server", total=cfg.rounds, status="")
+    clients_seen: list[dict] = []
+
+    def on_event(event: dict) -> None:
+        name = event.get("event")
+        if name == "start":
+            progress.update(task, description="waiting for SuperNodes")
+            for note in event.get("notes", []):
+                progress.console.print(f"  {note}", markup=False)
+        elif name == "error":
+            progress.console.print(f"server: {event.get('error')}", markup=False)
+
+    on_clients, on_round = _round_callbacks(progress, task, clients_seen, as_json)
+
+    with progress:
+        summary = run_deployment_job(job, verbose=verbose, on_event=on_event, on_round=on_round, on_clients=on_clients,
+                                     echo=lambda line: progress.console.print(line, markup=False, highlight=False))
+    summary["clients"] = clients_seen
+    return summary
+
+
+def _round_callbacks(progress, task, clients_seen: list[dict], as_json: bool, first_round: int = 0):
+    """The engines' callbacks: the clients table once, then one bar step per round."""
+
+    def on_clients(summaries: list[dict]) -> None:
+        clients_seen.extend(summaries)
+        progress.update(task, description="rounds")
+        if not as_json:
+            progress.console.print(_clients_table(summaries))
+
+    def on_round(report) -> None:
+        eps = f"  eps {report.epsilon:.3f}" if report.epsilon is not None else ""
+        if report.client_epsilon is not None:
+            eps += f"  client eps {report.client_epsilon:.3f}"
+        acc = f"acc {report.accuracy:.3f}" if report.accuracy is not None else ""
+        progress.update(task, completed=report.round - first_round, status=f"{acc}{eps}")
+
+    return on_clients, on_round
 
 
 def _run_with_progress(job, *, as_json: bool, verbose: bool, label: str = "") -> dict:
@@ -183,17 +264,7 @@ def _run_with_progress(job, *, as_json: bool, verbose: bool, label: str = "") ->
     )
     task = progress.add_task("starting engine", total=cfg.rounds - job.resume_from, status="")
 
-    def on_clients(summaries: list[dict]) -> None:
-        clients_seen.extend(summaries)
-        progress.update(task, description="rounds")
-        if not as_json:
-            progress.console.print(_clients_table(summaries))
-
-    def on_round(report) -> None:
-        eps = f"  eps {report.epsilon:.3f}" if report.epsilon is not None else ""
-        if report.client_epsilon is not None:
-            eps += f"  client eps {report.client_epsilon:.3f}"
-        progress.update(task, completed=report.round - job.resume_from, status=f"acc {report.accuracy:.3f}{eps}")
+    on_clients, on_round = _round_callbacks(progress, task, clients_seen, as_json, first_round=job.resume_from)
 
     with progress:
         outcome = run_simulation_job(job, verbose=verbose, on_round=on_round, on_clients=on_clients)
@@ -215,7 +286,7 @@ def _clients_table(summaries: list[dict]) -> Table:
 
 def _print_summary(summary: dict) -> None:
     table = Table(title=f"run {summary['run_id']}", show_header=False, title_justify="left")
-    for key in ("status", "rounds", "accuracy", "f1_macro", "epsilon", "epsilon_rdp", "client_epsilon", "client_epsilon_rdp", "delta",
+    for key in ("engine", "superlink", "status", "rounds", "accuracy", "f1_macro", "epsilon", "epsilon_rdp", "client_epsilon", "client_epsilon_rdp", "delta",
                 "accountant", "privacy_unit", "max_epsilon", "budget_left", "wall_time", "run_dir"):
         if key in summary:
             value = summary[key]
@@ -415,6 +486,128 @@ def verify(
         out.print(f"audit log FAILED at {where}: {result.reason}")
     if not result.ok:
         raise typer.Exit(EXIT_GATE_FAILED)
+
+
+# --------------------------------------------------------------------------- deployment engine
+certs_app = typer.Typer(help="TLS certificates for a deployment (SuperLink and SuperNodes).", no_args_is_help=True, rich_markup_mode=None)
+app.add_typer(certs_app, name="certs")
+
+
+@certs_app.command("init")
+@user_errors
+def certs_init(
+    directory: Path = typer.Argument(..., help="Folder to create ca.crt, ca.key, server.pem and server.key in."),
+    host: Optional[list[str]] = typer.Option(None, "--host", help="Name or IP address clients use to reach the SuperLink; repeat for several (default: 127.0.0.1 and localhost)."),
+    days: int = typer.Option(365, help="Validity in days."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON to stdout."),
+) -> None:
+    """Create a CA and a SuperLink server certificate signed by it."""
+    from shared.certs import DEFAULT_HOSTS, certificate_hosts, init_certs
+
+    paths = init_certs(directory, host or list(DEFAULT_HOSTS), days)
+    report = {"certs_dir": str(paths.directory), "ca_cert": str(paths.ca_cert), "server_cert": str(paths.server_cert),
+              "server_key": str(paths.server_key), "hosts": certificate_hosts(paths.server_cert)}
+    if as_json:
+        _print_json(report)
+    else:
+        out.print(f"created a CA and a server certificate for {', '.join(report['hosts'])} in {paths.directory}", markup=False)
+        out.print(f"give {paths.ca_cert} to every SuperNode and to `fedaudit run --root-certificates`; keep ca.key and server.key private", markup=False)
+
+
+def _serve(cmd: list[str], env: dict, name: str, verbose: bool, log_file: Optional[Path], banner: str) -> None:
+    from shared.processes import run_foreground
+
+    err.print(banner, markup=False)
+    if not verbose:
+        err.print(f"{name} output goes to {log_file}" if log_file else f"{name} output is hidden; add --verbose to see it", markup=False)
+    code = run_foreground(cmd, env, quiet=not verbose, log_path=log_file)
+    err.print(f"{name} stopped (exit code {code})", markup=False)
+    raise typer.Exit(code if 0 <= code < 256 else 1)
+
+
+@app.command()
+@user_errors
+def superlink(
+    certs: Optional[Path] = typer.Option(None, "--certs", metavar="DIR", help="Certificates from `fedaudit certs init DIR` (TLS, the default)."),
+    insecure: bool = typer.Option(False, "--insecure", help="Plain text instead of TLS: only on a network you trust."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on; 0.0.0.0 for every interface (SuperNodes on other hosts)."),
+    port: int = typer.Option(9093, help="Port for the SuperNodes and `fedaudit run` (Fleet, Control and ServerAppIo APIs)."),
+    keys: Optional[Path] = typer.Option(None, "--keys", metavar="DIR", help="Server keys from `fedaudit keys init` (needed for encrypted runs, the default)."),
+    keys_passphrase_env: Optional[str] = typer.Option(None, help="Environment variable holding the server keys' passphrase."),
+    runs_dir: Optional[Path] = typer.Option(None, help="Run store of the server side (default ./fedaudit-runs, or $FEDAUDIT_RUNS_DIR)."),
+    database: Optional[Path] = typer.Option(None, help="Flower's state database (default: <runs-dir>/superlink.db)."),
+    log_file: Optional[Path] = typer.Option(None, help="Write Flower's output here instead of hiding it."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Flower's output."),
+) -> None:
+    """Start a Flower SuperLink in the foreground; SIGTERM or Ctrl-C stops it and its children."""
+    from server.runner import check_keys
+    from shared.crypto import load_registry
+    from shared.processes import flower_env, superlink_command
+    from shared.store import resolve_runs_dir
+
+    runs = resolve_runs_dir(runs_dir)
+    extra = {"FEDAUDIT_RUNS_DIR": str(runs)}
+    if keys is not None:
+        keys = keys.resolve()
+        check_keys(keys, len(load_registry(keys).clients), keys_passphrase_env)
+        extra["FEDAUDIT_KEYS_DIR"] = str(keys)
+        if keys_passphrase_env:
+            extra["FEDAUDIT_KEYS_PASSPHRASE_ENV"] = keys_passphrase_env
+    cmd = superlink_command(certs=certs, insecure=insecure, host=host, port=port, database=(database or runs / "superlink.db").resolve())
+    runs.mkdir(parents=True, exist_ok=True)
+    mode = "plain text (--insecure)" if insecure else f"TLS with {Path(certs).resolve()}"
+    banner = f"SuperLink on {host}:{port}, {mode}; server run store {runs}" + ("" if keys else "; no --keys: encrypted runs will be refused")
+    _serve(cmd, flower_env(extra), "SuperLink", verbose, log_file.resolve() if log_file else None, banner)
+
+
+@app.command()
+@user_errors
+def supernode(
+    superlink_address: str = typer.Option(..., "--superlink", metavar="HOST:PORT", help="The SuperLink to connect to."),
+    root_certificates: Optional[Path] = typer.Option(None, "--root-certificates", metavar="CA_FILE", help="CA certificate that signed the SuperLink's (from `fedaudit certs init`)."),
+    insecure: bool = typer.Option(False, "--insecure", help="Plain text instead of TLS: only on a network you trust."),
+    partition_id: int = typer.Option(..., help="This node's client id (0..N-1): which key and, without --data-dir, which partition it uses."),
+    num_partitions: int = typer.Option(..., help="Number of clients in the federation."),
+    port: int = typer.Option(9094, help="Local port for this node's ClientApp API; every SuperNode on one host needs its own."),
+    keys: Optional[Path] = typer.Option(None, "--keys", metavar="DIR", help="Holds this client's private key (client-<id>.pem) and registry.json; without it the node takes unencrypted runs only."),
+    keys_passphrase_env: Optional[str] = typer.Option(None, help="Environment variable holding this client's key passphrase."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", metavar="PATH", help="This node's own data: one .csv/.parquet file, or a folder holding one (default: its partition of the run's dataset)."),
+    log_file: Optional[Path] = typer.Option(None, help="Write Flower's output here instead of hiding it."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Flower's output."),
+) -> None:
+    """Start a Flower SuperNode in the foreground; SIGTERM or Ctrl-C stops it and its children."""
+    from server.submit import TLSMismatch, Unreachable, connection, probe
+    from shared.crypto import load_client_private_key, load_registry
+    from shared.data import data_files
+    from shared.processes import flower_env, supernode_command
+
+    if num_partitions < 1 or not 0 <= partition_id < num_partitions:
+        raise FedauditError(f"--partition-id must be in 0..--num-partitions-1, got {partition_id} of {num_partitions}")
+    conn = connection(superlink_address, root_certificates, insecure)
+    config: dict = {"partition-id": partition_id, "num-partitions": num_partitions, "keys-dir": "", "keys-passphrase-env": keys_passphrase_env or ""}
+    if keys is not None:
+        keys = keys.resolve()
+        private = load_client_private_key(keys, partition_id, keys_passphrase_env)
+        registry = load_registry(keys)
+        if private.public_key().public_bytes_raw() != registry.client(partition_id).public_bytes_raw():
+            raise FedauditError(f"the key for client {partition_id} in {keys} does not match its registry.json")
+        config["keys-dir"] = str(keys)
+    if data_dir is not None:
+        data_dir = data_dir.resolve()
+        files = data_files(str(data_dir))
+        if len(files) != 1:
+            raise FedauditError(f"--data-dir {data_dir} holds {len(files)} data files; give it exactly one")
+        config["data-dir"] = str(data_dir)
+    try:
+        probe(conn)
+    except TLSMismatch:
+        raise
+    except Unreachable as exc:
+        err.print(f"warning: {exc}; the SuperNode keeps retrying", markup=False)
+    cmd = supernode_command(superlink=conn.address, root_certificates=conn.root_certificates, insecure=insecure, port=port, config=config)
+    banner = (f"SuperNode for client {partition_id} of {num_partitions}, SuperLink {conn.describe()}, "
+              + ("encrypted runs only" if keys else "no --keys: unencrypted runs only") + (f", data {data_dir}" if data_dir else ""))
+    _serve(cmd, flower_env(), "SuperNode", verbose, log_file.resolve() if log_file else None, banner)
 
 
 # --------------------------------------------------------------------------- audit / compare / sweep

@@ -23,9 +23,9 @@ from clients.training import GRAD_SAMPLE_MODE, DPSettings, train_local  # noqa: 
 from shared import privacy  # noqa: E402
 from shared.canaries import CanarySecret, canary_direction, load_secret  # noqa: E402
 from shared.evaluation import evaluate  # noqa: E402
-from shared.data import ClientData, client_data, label_histogram, prepare  # noqa: E402
+from shared.data import ClientData, DataMeta, client_data, label_histogram, local_client_data, prepare  # noqa: E402
 from shared.models import build_model  # noqa: E402
-from shared.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES, PARTITION_ID, spec_from_record  # noqa: E402
+from shared.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NODE_DATA_DIR, NUM_EXAMPLES, PARTITION_ID, spec_from_record  # noqa: E402
 from shared.weights import load_numpy, state_to_numpy  # noqa: E402
 
 LEDGER_KEY = "privacy-ledger"
@@ -34,6 +34,23 @@ CANARY_KEY = "canary"
 
 def partition_id(context: Context) -> int:
     return int(context.node_config["partition-id"])
+
+
+def node_data(spec, context: Context, config):
+    """This client's records: its own files on a real node started with ``--data-dir``,
+    otherwise its partition of the dataset described by ``spec``."""
+    data_dir = context.node_config.get(NODE_DATA_DIR, "")
+    if data_dir:
+        return local_client_data(data_dir, spec.label, spec.val_fraction, spec.seed + partition_id(context), data_meta(spec, config).num_classes)
+    return client_data(spec, partition_id(context))
+
+
+def data_meta(spec, config) -> DataMeta:
+    """The model's shape: sent by the server when it can, else rebuilt from ``spec``."""
+    if "model.num-features" in config:
+        side = int(config["model.image-side"])
+        return DataMeta(int(config["model.num-features"]), int(config["model.num-classes"]), side or None, str(config["model"]))
+    return prepare(spec).meta
 
 
 def read_ledger(context: Context) -> list[tuple[float, float, int]]:
@@ -70,9 +87,10 @@ def is_canary_client(spec, pid: int) -> bool:
     return pid >= spec.num_clients
 
 
-def training_data(spec, pid: int, canaries: CanarySecret | None) -> tuple[ClientData, int]:
-    """The client's records plus the canaries it holds (training only, never validation)."""
-    data = client_data(spec, pid)
+def training_data(spec, pid: int, canaries: CanarySecret | None, data: ClientData | None = None) -> tuple[ClientData, int]:
+    """The client's records (``data``, default its partition of ``spec``) plus the canaries
+    it holds (training only, never validation)."""
+    data = client_data(spec, pid) if data is None else data
     held = canaries.held_by(pid) if canaries is not None and spec.canaries else []
     if not held:
         return data, 0
@@ -89,8 +107,8 @@ def describe(msg: Message, context: Context, canaries: CanarySecret | None = Non
     pid = partition_id(context)
     if is_canary_client(spec, pid):
         return _reply(msg, {PARTITION_ID: pid, NUM_EXAMPLES: 0, "num-val": 0, "label-histogram": [0], "ledger-steps": 0, CANARY_KEY: 1})
-    data = client_data(spec, pid)
-    meta = prepare(spec).meta
+    data = node_data(spec, context, config)
+    meta = data_meta(spec, config)
     return _reply(
         msg,
         {
@@ -154,7 +172,7 @@ def train(msg: Message, context: Context, canaries: CanarySecret | None = None) 
     pid = partition_id(context)
     if is_canary_client(spec, pid):
         return canary_update(msg, pid, spec, canaries, float(config["client-clip"]))
-    data, held = training_data(spec, pid, canaries)
+    data, held = training_data(spec, pid, canaries, node_data(spec, context, config))
     delta = float(config["delta"])
     cap = float(config.get("max-epsilon", 0.0))
     if config["dp"] and cap > 0:
@@ -163,7 +181,8 @@ def train(msg: Message, context: Context, canaries: CanarySecret | None = None) 
         if privacy.epsilon(ledger + [plan], delta) > cap:
             # A normal reply, not a failure: this client's budget cannot cover a round.
             return _refusal(msg, pid, ledger, delta, cap)
-    model_name, model = _model_for(config, prepare(spec).meta)
+    meta = data_meta(spec, config)
+    model_name, model = _model_for(config, meta)
     load_numpy(model, _arrays(msg))
 
     # One thread per simulated client: tiny models on shared cores run far slower
@@ -171,7 +190,6 @@ def train(msg: Message, context: Context, canaries: CanarySecret | None = None) 
     torch.set_num_threads(1)
     round_ = int(config["server-round"])
     attack = config.get("attack", "") if str(pid) in str(config.get("malicious", "")).split(",") else ""
-    meta = prepare(spec).meta
     y_train = flip_labels(data.y_train, meta.num_classes) if attack == "label-flip" else data.y_train
     global_weights = _arrays(msg)
     dp = None
@@ -225,8 +243,8 @@ def evaluate_local(msg: Message, context: Context, canaries: CanarySecret | None
     pid = partition_id(context)
     if is_canary_client(spec, pid):
         return _reply(msg, {NUM_EXAMPLES: 0, "loss": 0.0, "accuracy": 0.0, PARTITION_ID: pid, CANARY_KEY: 1})
-    data = client_data(spec, pid)
-    _, model = _model_for(config, prepare(spec).meta)
+    data = node_data(spec, context, config)
+    _, model = _model_for(config, data_meta(spec, config))
     load_numpy(model, _arrays(msg))
     loss, accuracy = evaluate(model, data.x_val, data.y_val)
     return _reply(msg, {NUM_EXAMPLES: len(data.y_val), "loss": loss, "accuracy": accuracy, PARTITION_ID: pid})

@@ -13,11 +13,16 @@ client-to-server direction. Handlers never see the difference::
 
     app = ClientApp(mods=[encryption_mod])
 
-Key material comes from the message config: ``"keys-dir"`` (the key directory written
-by :func:`shared.crypto.init_keys`) and optionally ``"keys-passphrase-env"`` (name of
-the environment variable holding the key passphrase, ``""`` for none). A config
-without ``"keys-dir"`` (or with ``""``) means encryption is off and the mod passes
-every message through unchanged.
+Key material comes from the node's own config when it has a ``"keys-dir"`` entry (a
+real SuperNode started with ``fedaudit supernode``): that directory holds this client's
+private key and the registry, and the node then insists on sealed payloads whatever the
+message says; ``""`` there means the node holds no keys and takes plaintext only.
+Without that entry (simulation, where every node shares one host) the key directory
+comes from the message config: ``"keys-dir"`` (the key directory written by
+:func:`shared.crypto.init_keys`) and optionally ``"keys-passphrase-env"`` (name of the
+environment variable holding the key passphrase, ``""`` for none). A config without
+``"keys-dir"`` (or with ``""``) means encryption is off and the mod passes every message
+through unchanged.
 
 If the payload cannot be opened (tampered, wrong key, replayed into another round or
 client, keys missing) the client does not train: the mod returns an error reply.
@@ -55,7 +60,17 @@ from shared.crypto import (
     unpack_arrays,
 )
 from shared.errors import BadInput
-from shared.protocol import ARRAYS_KEY, BLOB_KEY, CONFIG_KEY, KEYS_DIR, KEYS_PASSPHRASE_ENV, SEALED_KEY, replace_record
+from shared.protocol import (
+    ARRAYS_KEY,
+    BLOB_KEY,
+    CONFIG_KEY,
+    KEYS_DIR,
+    KEYS_PASSPHRASE_ENV,
+    NODE_KEYS_DIR,
+    NODE_KEYS_PASSPHRASE_ENV,
+    SEALED_KEY,
+    replace_record,
+)
 # Message categories whose model payload is sealed; "query" messages carry no model.
 SEALED_TYPES = ("train", "evaluate")
 
@@ -161,8 +176,21 @@ def _config(msg: Message) -> ConfigRecord | None:
     return config if isinstance(config, ConfigRecord) else None
 
 
-def encryption_settings(msg: Message) -> tuple[str, str] | None:
-    """``(keys_dir, passphrase_env)`` from the message config, or None if encryption is off."""
+def node_encryption_settings(context: Context | None) -> tuple[str, str] | None:
+    """``(keys_dir, passphrase_env)`` from the node config; ``("", "")`` for a node
+    that holds no keys; None when the node config does not say (simulation)."""
+    if context is None or NODE_KEYS_DIR not in context.node_config:
+        return None
+    keys_dir = context.node_config[NODE_KEYS_DIR]
+    passphrase_env = context.node_config.get(NODE_KEYS_PASSPHRASE_ENV, "")
+    return (keys_dir if isinstance(keys_dir, str) else ""), (passphrase_env if isinstance(passphrase_env, str) else "")
+
+
+def encryption_settings(msg: Message, context: Context | None = None) -> tuple[str, str] | None:
+    """``(keys_dir, passphrase_env)`` of the node, else of the message config; None if encryption is off."""
+    node = node_encryption_settings(context)
+    if node is not None:
+        return node if node[0] else None
     config = _config(msg)
     if config is None:
         return None
@@ -208,10 +236,11 @@ def encryption_mod(msg: Message, context: Context, call_next: ClientAppCallable)
     """
     if message_category(msg) not in SEALED_TYPES or not msg.has_content():
         return call_next(msg, context)
-    settings = encryption_settings(msg)
+    settings = encryption_settings(msg, context)
     if settings is None:
         if SEALED_KEY in msg.content:
-            return _error_reply(msg, f"the model is sealed but the config has no {KEYS_DIR!r}; cannot open it")
+            where = "this node was started without keys" if node_encryption_settings(context) else f"the config has no {KEYS_DIR!r}"
+            return _error_reply(msg, f"the model is sealed but {where}; cannot open it")
         return call_next(msg, context)
     keys_dir, passphrase_env = settings
 

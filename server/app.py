@@ -14,6 +14,7 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 from flwr.app import Context  # noqa: E402
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
 
+from server.deployment import is_deployment, run_deployment  # noqa: E402
 from server.federation import ServerJob, run_federation  # noqa: E402
 from shared.store import RunStore  # noqa: E402
 
@@ -26,8 +27,13 @@ def make_server_app(job: ServerJob | None = None) -> ServerApp:
         if job is not None:
             run_federation(grid, job)  # the CLI's runner records how the run ended
             return
+        run_config = dict(context.run_config)
+        if is_deployment(run_config):
+            # `fedaudit run --engine deployment`: results go back through the log.
+            run_deployment(grid, run_config)
+            return
         # `flwr run`: nobody else will record the outcome, so do it here.
-        the_job = job_from_run_config(dict(context.run_config))
+        the_job = job_from_run_config(run_config)
         store = RunStore(the_job.runs_dir)
         try:
             result = run_federation(grid, the_job)
@@ -39,7 +45,7 @@ def make_server_app(job: ServerJob | None = None) -> ServerApp:
     return app
 
 
-def job_from_run_config(run_config: dict) -> ServerJob:
+def job_from_run_config(run_config: dict, run_id: str | None = None, keys_dir: str | None = None, keys_passphrase_env: str | None = None) -> ServerJob:
     """Build a job from ``[tool.flwr.app.config]`` values (the ``flwr run`` path)."""
     from server.runner import prepare_run
     from shared.config import resolve
@@ -57,7 +63,7 @@ def job_from_run_config(run_config: dict) -> ServerJob:
         # The canary secret must reach the clients without passing through the server,
         # which only the CLI's own simulation can arrange.
         raise BadInput("canaries need the fedaudit CLI's simulation: use `fedaudit run --canaries/--canary-clients`")
-    return prepare_run(config, runs_dir)
+    return prepare_run(config, runs_dir, run_id=run_id, keys_dir=keys_dir, keys_passphrase_env=keys_passphrase_env)
 
 
 app = make_server_app()

@@ -77,7 +77,7 @@ class ServerJob:
     result: dict = field(default_factory=dict)
 
 
-def _config_record(job: ServerJob) -> ConfigRecord:
+def _config_record(job: ServerJob, meta=None) -> ConfigRecord:
     c = job.config
     values = {
         "run-id": job.run_id,
@@ -99,6 +99,10 @@ def _config_record(job: ServerJob) -> ConfigRecord:
         "proximal-mu": c.proximal_mu if c.strategy == "fedprox" else 0.0,
         **spec_to_record(c.data_spec),
     }
+    if meta is not None:
+        # The model's shape, so a node reading its own local data (deployment
+        # `--data-dir`) need not rebuild the server's dataset to build the model.
+        values.update({"model.num-features": meta.num_features, "model.num-classes": meta.num_classes, "model.image-side": meta.image_side or 0})
     return ConfigRecord(values)
 
 
@@ -131,6 +135,11 @@ def describe_clients(grid: Grid, job: ServerJob, base: ConfigRecord) -> dict[int
     for reply in replies:
         m = _metrics(reply)
         pid = int(m[PARTITION_ID])
+        # On real SuperNodes partition ids are set by hand (`fedaudit supernode --partition-id`).
+        if not 0 <= pid < job.config.clients:
+            raise FederationError(f"a client node says it is client {pid}, outside 0..{job.config.clients - 1} (--clients {job.config.clients})")
+        if pid in node_of:
+            raise FederationError(f"two client nodes both say they are client {pid}; give every SuperNode its own --partition-id")
         node_of[pid] = reply.metadata.src_node_id
         if pid >= job.config.clients:
             continue
@@ -232,7 +241,7 @@ def _run_rounds(grid: Grid, job: ServerJob, log: AuditLog, exchange_key) -> dict
         json.dumps({"model": job.model_name, "num_features": meta.num_features, "num_classes": meta.num_classes, "image_side": meta.image_side}).encode(),
     )
 
-    base = _config_record(job)
+    base = _config_record(job, meta)
     node_of = describe_clients(grid, job, base)
     strategy: Strategy = ParticipatingClients(
         build_strategy(

@@ -401,3 +401,29 @@ def client_data(spec: DataSpec, partition_id: int) -> ClientData:
 
 def label_histogram(y: np.ndarray, num_classes: int) -> list[int]:
     return np.bincount(y, minlength=num_classes).astype(int).tolist()
+
+
+def local_client_data(data_dir: str, label: str | None, val_fraction: float, seed: int, num_classes: int) -> ClientData:
+    """A real node's own records (``fedaudit supernode --data-dir``).
+
+    ``data_dir`` is one .csv/.parquet file, or a folder holding exactly one. The label
+    column is the run's ``--label`` (``label`` if the run names none) and must hold
+    integer class ids ``0 .. num_classes-1``, the same on every node. Features are used
+    as given: scale them the same way on every node and in the server's test data.
+    """
+    from sklearn.model_selection import train_test_split
+
+    files = data_files(data_dir)
+    if len(files) != 1:
+        raise BadInput(f"node data folder {data_dir} holds {len(files)} data files; give it exactly one")
+    x, raw = _read_table(files[0], label or "label")
+    if not np.issubdtype(raw.dtype, np.number) or not np.all(np.mod(raw, 1) == 0):
+        raise BadInput(f"labels in {files[0].name} must be integer class ids")
+    y = raw.astype(np.int64)
+    if y.min() < 0 or y.max() >= num_classes:
+        raise BadInput(f"labels in {files[0].name} must lie in 0..{num_classes - 1} (the run's classes), found {y.min()}..{y.max()}")
+    n_val = int(round(len(y) * val_fraction))
+    if n_val < 1 or len(y) - n_val < 1:
+        return ClientData(x, y, x[:0], y[:0])
+    x_tr, x_val, y_tr, y_val = train_test_split(x, y, test_size=n_val, random_state=seed)
+    return ClientData(x_tr, y_tr, x_val, y_val)

@@ -28,6 +28,12 @@ BLOB_KEY = "blob"
 KEYS_DIR = "keys-dir"
 KEYS_PASSPHRASE_ENV = "keys-passphrase-env"
 
+# Node config (``flower-supernode --node-config``, set by ``fedaudit supernode``): a real
+# node's own key directory and data. Their presence overrides what a message says.
+NODE_KEYS_DIR = "keys-dir"
+NODE_KEYS_PASSPHRASE_ENV = "keys-passphrase-env"
+NODE_DATA_DIR = "data-dir"
+
 
 def spec_to_record(spec: DataSpec) -> dict[str, Any]:
     return {f"data.{k}": ("" if v is None else v) for k, v in spec.to_dict().items()}

@@ -229,3 +229,6 @@ def test_canaries_need_the_cli_simulation_not_flwr_run():
 def test_bad_canary_flags_exit_2(tmp_path):
     proc = run_cli("run", "--canary-clients", "3", runs_dir=tmp_path)
     assert proc.returncode == 2 and "needs --client-dp" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_cli("run", "--canaries", "10", "--engine", "deployment", "--superlink", "127.0.0.1:9", "--insecure", runs_dir=tmp_path)
+    assert proc.returncode == 2 and "simulation engine only" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "runs.db").exists()  # nothing half-written

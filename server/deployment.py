@@ -1,0 +1,172 @@
+"""The ServerApp side of a Deployment Engine run (``fedaudit run --engine deployment``).
+
+The ServerApp runs on the SuperLink host. It keeps its own run store there (the
+SuperLink's ``--runs-dir``, passed down as ``$FEDAUDIT_RUNS_DIR``), signs the audit log
+with the server keys found there (``--keys``, passed down as ``$FEDAUDIT_KEYS_DIR``),
+and prints progress and, at the end, every result into its Flower log in the format of
+:mod:`shared.results`, where the submitting CLI picks them up.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+from server.federation import ServerJob, run_federation
+from shared.errors import BadInput
+from shared.results import b64, encode_bundle, event_line
+from shared.store import RunStore
+
+ENGINE_KEY = "fedaudit-engine"
+RUN_ID_KEY = "run-id"
+REPLY_TIMEOUT_KEY = "reply-timeout"
+KEYS_DIR_KEY = "keys-dir"
+KEYS_PASSPHRASE_KEY = "keys-passphrase-env"
+DEPLOYMENT_KEYS = (ENGINE_KEY, RUN_ID_KEY, REPLY_TIMEOUT_KEY, KEYS_DIR_KEY, KEYS_PASSPHRASE_KEY)
+
+KEYS_DIR_ENV = "FEDAUDIT_KEYS_DIR"
+KEYS_PASSPHRASE_ENV_ENV = "FEDAUDIT_KEYS_PASSPHRASE_ENV"
+DEFAULT_REPLY_TIMEOUT = 300.0
+
+# Rows of the run store that make up a run, in the order they are written back.
+TABLES = ("runs", "clients", "rounds", "client_rounds", "interrupted_spend", "flags")
+RESULT_FILES = ("audit.jsonl", "audit.jsonl.sig", "model.safetensors", "model.json", "config.toml")
+# A bundle this large would strain Flower's log channel: the model is left on the server.
+MAX_MODEL_BYTES = 4 * 1024 * 1024
+
+
+def is_deployment(run_config: dict) -> bool:
+    return run_config.get(ENGINE_KEY) == "deployment"
+
+
+def deployment_job(run_config: dict, environ: dict | None = None) -> ServerJob:
+    """Build the job from the run config ``fedaudit run --engine deployment`` wrote."""
+    from server.app import job_from_run_config
+
+    env = os.environ if environ is None else environ
+    settings = dict(run_config)
+    run_id = str(settings.pop(RUN_ID_KEY, "") or "")
+    timeout = float(settings.pop(REPLY_TIMEOUT_KEY, DEFAULT_REPLY_TIMEOUT) or DEFAULT_REPLY_TIMEOUT)
+    keys_dir = str(settings.pop(KEYS_DIR_KEY, "") or "") or env.get(KEYS_DIR_ENV, "")
+    passphrase_env = str(settings.pop(KEYS_PASSPHRASE_KEY, "") or "") or env.get(KEYS_PASSPHRASE_ENV_ENV, "") or None
+    settings.pop(ENGINE_KEY, None)
+    if not run_id:
+        raise BadInput("deployment run config has no run-id")
+    encrypt = bool(settings.get("encrypt", True))
+    if encrypt and not keys_dir:
+        raise BadInput("encryption is on but the SuperLink host has no keys: start it with `fedaudit superlink --keys DIR`")
+    runs_dir = settings.get("runs-dir") or env.get("FEDAUDIT_RUNS_DIR") or None
+    settings["runs-dir"] = runs_dir or ""
+    store = RunStore(runs_dir)
+    placeholder = _take_placeholder(store, run_id)
+    try:
+        job = job_from_run_config(settings, run_id=run_id, keys_dir=keys_dir or None, keys_passphrase_env=passphrase_env)
+    except BaseException:
+        if placeholder is not None:  # give the CLI its row back, so it can record the failure
+            with store.connect() as conn:
+                conn.execute(f"INSERT INTO runs ({', '.join(placeholder)}) VALUES ({', '.join('?' * len(placeholder))})", list(placeholder.values()))
+        raise
+    job.timeout = timeout
+    RunStore(job.runs_dir).update_run(run_id, info={"engine": "deployment", "reply_timeout": timeout})
+    return job
+
+
+def _take_placeholder(store: RunStore, run_id: str) -> dict | None:
+    """When the SuperLink and the submitting CLI share one run store, the CLI's
+    placeholder row (status running, no rounds) is taken over by the server: it is
+    removed here, and returned so it can be put back if the server cannot start."""
+    if not store.db_path.exists():
+        return None
+    with store.connect() as conn:
+        row = conn.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        if row is None:
+            return None
+        rounds = conn.execute("SELECT COUNT(*) FROM rounds WHERE run_id = ?", (run_id,)).fetchone()[0]
+        if row["status"] != "running" or rounds or '"submitted"' not in row["info"]:
+            raise BadInput(f"run {run_id} already exists in the server's run store {store.root}")
+        conn.execute("DELETE FROM runs WHERE run_id = ?", (run_id,))
+        return dict(row)
+
+
+def export_run(store: RunStore, run_id: str, keys_dir: str | None) -> dict:
+    """The run's rows and files, as one JSON-able bundle."""
+    rows = {}
+    with store.connect() as conn:
+        for table in TABLES:
+            rows[table] = [dict(r) for r in conn.execute(f"SELECT * FROM {table} WHERE run_id = ?", (run_id,))]
+    run_dir = store.run_dir(run_id)
+    files, notes = {}, []
+    for name in RESULT_FILES:
+        path = run_dir / name
+        if not path.exists():
+            continue
+        if name == "model.safetensors" and path.stat().st_size > MAX_MODEL_BYTES:
+            notes.append(f"final model ({path.stat().st_size} bytes) left on the SuperLink host at {path}")
+            continue
+        files[name] = b64(path.read_bytes())
+    if keys_dir and (Path(keys_dir) / "registry.json").exists():
+        files["keys/registry.json"] = b64((Path(keys_dir) / "registry.json").read_bytes())
+    return {"format": 1, "run_id": run_id, "server_run_dir": str(run_dir), "rows": rows, "files": files, "notes": notes}
+
+
+def run_deployment(grid, run_config: dict, emit: Callable[[str], None] | None = None) -> dict:
+    """The ServerApp's main for a deployment run: run, record, then report into the log."""
+    emit = emit or _print
+    try:
+        job = deployment_job(run_config)
+    except Exception as exc:
+        emit(event_line("error", stage="prepare", error=_one_line(exc)))
+        emit(event_line("end", status="failed", error=_one_line(exc)))
+        _let_logs_drain()
+        raise
+    store = RunStore(job.runs_dir)
+    job.on_clients = lambda summaries: emit(event_line("clients", clients=summaries))
+    job.on_round = lambda report: emit(event_line("round", **{k: _finite(v) for k, v in asdict(report).items()}))
+    emit(event_line("start", run_id=job.run_id, server_run_dir=str(store.run_dir(job.run_id)), delta=job.delta, notes=job.notes))
+    started = time.time()
+    error = None
+    try:
+        status = run_federation(grid, job)["status"]
+    except Exception as exc:  # recorded as failed, reported, then re-raised for Flower
+        status, error = "failed", _one_line(exc)
+    store.finish_run(job.run_id, status, error)
+    store.update_run(job.run_id, info={"seconds": time.time() - started})
+    if error:
+        emit(event_line("error", stage="run", error=error))
+    try:
+        for line in encode_bundle(export_run(store, job.run_id, job.keys_dir)):
+            emit(line)
+    except Exception as exc:
+        emit(event_line("error", stage="bundle", error=_one_line(exc)))
+    emit(event_line("end", status=status, error=error))
+    _let_logs_drain()
+    if error:
+        raise RuntimeError(error)
+    return {"status": status}
+
+
+def _print(line: str) -> None:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def _let_logs_drain() -> None:
+    # Flower uploads the ServerApp's output every 0.2 s and flushes for up to 3 s at
+    # exit; a pause gives a large bundle time to go out before the run is marked done.
+    time.sleep(1.5)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    first = text[0] if text else ""
+    if isinstance(exc, BadInput):  # already a sentence meant for the user
+        return first
+    return f"{type(exc).__name__}: {first}".rstrip(": ")
+
+
+def _finite(value):
+    return None if isinstance(value, float) and value != value else value

@@ -1,0 +1,575 @@
+"""The Deployment Engine: certificates, the pre-submit probe, the results channel, and
+real loopback federations (SuperLink + SuperNodes with TLS, started through the
+`fedaudit superlink` / `fedaudit supernode` commands).
+
+Tests marked ``deployment`` start real Flower processes and take minutes; skip them with
+``-m "not deployment"``. Every process they start is stopped by its process group,
+even when a test fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID
+from typer.testing import CliRunner
+
+from cli import app
+from server.submit import Connection, TLSMismatch, Unreachable, app_config, probe
+from shared.certs import init_certs
+from shared.config import resolve
+from shared.errors import BadInput
+from shared.results import BundleError, LogReader, encode_bundle
+from tests.conftest import ROOT, run_cli
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --------------------------------------------------------------------------- certificates
+def test_certs_init_makes_a_ca_and_a_server_certificate_for_the_hosts(tmp_path):
+    result = CliRunner().invoke(app, ["certs", "init", str(tmp_path / "certs"), "--host", "127.0.0.1", "--host", "fl.example.org", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert set(report["hosts"]) == {"127.0.0.1", "fl.example.org"}
+    cert = x509.load_pem_x509_certificate(Path(report["server_cert"]).read_bytes())
+    ca = x509.load_pem_x509_certificate(Path(report["ca_cert"]).read_bytes())
+    cert.verify_directly_issued_by(ca)
+    assert ExtendedKeyUsageOID.SERVER_AUTH in cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert oct((tmp_path / "certs" / "server.key").stat().st_mode & 0o777) == "0o600"
+    again = CliRunner().invoke(app, ["certs", "init", str(tmp_path / "certs")])
+    assert again.exit_code == 2 and "refusing to overwrite" in again.stderr
+
+
+def test_certs_default_hosts_are_loopback(tmp_path):
+    paths = init_certs(tmp_path / "c")
+    from shared.certs import certificate_hosts
+
+    assert set(certificate_hosts(paths.server_cert)) == {"127.0.0.1", "localhost"}
+    with pytest.raises(BadInput, match="neither an IP address nor a DNS name"):
+        init_certs(tmp_path / "d", ["bad host"])
+
+
+# --------------------------------------------------------------------------- probe (no Flower)
+class _Server:
+    """A throw-away TCP server on loopback, plain or TLS, that accepts and hangs up."""
+
+    def __init__(self, context: ssl.SSLContext | None = None):
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.context = context
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            try:
+                if self.context is not None:
+                    conn = self.context.wrap_socket(conn, server_side=True)
+                else:
+                    conn.settimeout(2)
+                    conn.recv(4096)
+                    conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+            except (OSError, ssl.SSLError):
+                pass
+            finally:
+                conn.close()
+
+    def close(self):
+        self.sock.close()
+
+
+@pytest.fixture
+def certs(tmp_path):
+    return init_certs(tmp_path / "certs")
+
+
+@pytest.fixture
+def tls_server(certs):
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(certs.server_cert, certs.server_key)
+    server = _Server(context)
+    yield server
+    server.close()
+
+
+def test_probe_unreachable_is_not_called_a_tls_problem():
+    with pytest.raises(Unreachable, match="nothing is listening"):
+        probe(Connection("127.0.0.1", free_port(), insecure=True))
+
+
+def test_probe_accepts_matching_tls(tls_server, certs):
+    probe(Connection("127.0.0.1", tls_server.port, certs.ca_cert))
+    probe(Connection("localhost", tls_server.port, certs.ca_cert))
+
+
+def test_probe_insecure_against_tls_is_a_mismatch(tls_server):
+    with pytest.raises(TLSMismatch, match="speaks TLS but --insecure was given"):
+        probe(Connection("127.0.0.1", tls_server.port, insecure=True))
+
+
+def test_probe_wrong_ca_is_a_mismatch(tls_server, tmp_path):
+    other = init_certs(tmp_path / "other")
+    with pytest.raises(TLSMismatch, match="not signed by"):
+        probe(Connection("127.0.0.1", tls_server.port, other.ca_cert))
+
+
+def test_probe_tls_against_plain_text_is_a_mismatch(certs):
+    server = _Server()
+    try:
+        with pytest.raises(TLSMismatch, match="does not speak TLS"):
+            probe(Connection("127.0.0.1", server.port, certs.ca_cert))
+        probe(Connection("127.0.0.1", server.port, insecure=True))
+    finally:
+        server.close()
+
+
+def test_run_against_nothing_is_one_line_exit_2_and_writes_nothing(tmp_path):
+    runs = tmp_path / "runs"
+    result = CliRunner().invoke(app, ["run", "--engine", "deployment", "--superlink", f"127.0.0.1:{free_port()}", "--insecure", "--runs-dir", str(runs)])
+    message = result.stderr.strip()
+    assert result.exit_code == 2, result.output
+    assert message.startswith("error: SuperLink 127.0.0.1:") and "unreachable" in message
+    assert len(message.splitlines()) == 1 and "Traceback" not in result.output
+    assert not runs.exists()
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["run", "--engine", "deployment"], "needs --superlink HOST:PORT"),
+        (["run", "--engine", "deployment", "--superlink", "localhost"], "must be HOST:PORT"),
+        (["run", "--engine", "deployment", "--superlink", "127.0.0.1:9", "--insecure", "--root-certificates", "x.crt"], "contradict"),
+        (["run", "--engine", "deployment", "--superlink", "127.0.0.1:9", "--root-certificates", "/nonexistent/ca.crt"], "not found"),
+        (["run", "--engine", "warp"], "unknown --engine"),
+        (["run", "--insecure"], "need(s) --engine deployment"),
+        (["superlink"], "TLS is on by default"),
+        (["superlink", "--certs", "/nonexistent"], "not found"),
+        (["supernode", "--superlink", "127.0.0.1:9", "--insecure", "--partition-id", "3", "--num-partitions", "2"], "--partition-id must be in"),
+    ],
+)
+def test_deployment_bad_input(args, expected, tmp_path):
+    result = CliRunner().invoke(app, [*args, *(["--runs-dir", str(tmp_path / "r")] if args[0] == "run" else [])])
+    assert result.exit_code == 2, result.output
+    assert expected in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("command", ["certs init", "superlink", "supernode"])
+def test_deployment_commands_have_help(command):
+    result = CliRunner().invoke(app, [*command.split(), "--help"])
+    assert result.exit_code == 0 and "Usage" in result.output
+
+
+# --------------------------------------------------------------------------- results channel
+def test_results_bundle_survives_a_noisy_log():
+    bundle = {"run_id": "r", "rows": {"runs": [{"x": 1.5}]}, "files": {"a": os.urandom(100_000).hex()}}
+    lines = ["INFO : starting", *encode_bundle(bundle)]
+    assert sum(1 for line in lines if line.startswith("@@fedaudit-chunk")) > 1
+    reader = LogReader()
+    # Flower may prefix lines; the marker is found anywhere in a line.
+    events = list(reader.feed_all(("prefix " + line if i % 2 else line) + "\n" for i, line in enumerate(lines)))
+    assert [e["event"] for e in events] == ["bundle"]
+    assert reader.bundle() == bundle
+
+
+def test_results_bundle_detects_missing_and_corrupt_chunks():
+    lines = encode_bundle({"run_id": "r", "blob": os.urandom(100_000).hex()})
+    reader = LogReader()
+    list(reader.feed_all(lines[:-1]))
+    with pytest.raises(BundleError, match="incomplete"):
+        reader.bundle()
+    reader = LogReader()
+    list(reader.feed_all([*lines[:-1], lines[-1][:-8] + "AAAAAAAA"]))
+    with pytest.raises(BundleError):
+        reader.bundle()
+
+
+def test_app_config_holds_no_none_and_names_the_run():
+    values = app_config(resolve(None, dataset="digits", clients=2, rounds=2), "run-1", 120.0)
+    assert None not in values.values()
+    assert values["run-id"] == "run-1" and values["fedaudit-engine"] == "deployment" and values["reply-timeout"] == 120.0
+
+
+def test_server_takes_over_the_cli_placeholder_in_a_shared_store(tmp_path):
+    from server.deployment import deployment_job
+    from shared.store import RunStore
+
+    store = RunStore(tmp_path / "runs")
+    env = {"FEDAUDIT_RUNS_DIR": str(store.root)}
+    store.create_run("r1", {}, info={"engine": "deployment", "submitted": {}})
+    job = deployment_job(app_config(resolve(None, dataset="digits", clients=2, rounds=1, encrypt=False), "r1", 60.0), environ=env)
+    assert job.run_id == "r1" and job.timeout == 60.0
+    record = store.get_run("r1")
+    assert record.info["engine"] == "deployment" and record.config["clients"] == 2
+    # The server cannot start: the CLI's row is put back, so the failure can be recorded.
+    store.create_run("r2", {}, info={"engine": "deployment", "submitted": {}})
+    with pytest.raises(BadInput, match="fewer than --batch-size"):
+        deployment_job(app_config(resolve(None, dataset="digits", clients=2, rounds=1, encrypt=False, batch_size=5000), "r2", 60.0), environ=env)
+    assert store.get_run("r2").status == "running"
+    with pytest.raises(BadInput, match="no keys"):
+        deployment_job(app_config(resolve(None, dataset="digits", clients=2, rounds=1), "r3", 60.0), environ=env)
+
+
+def _fake_flwr(tmp_path, body: str) -> str:
+    script = tmp_path / "flwr"
+    script.write_text("#!/bin/sh\n" + body)
+    script.chmod(0o755)
+    return str(script)
+
+
+@pytest.mark.parametrize(
+    "body, expected",
+    [
+        ("echo 'Successfully started run 42'\necho 'RuntimeError: boom'\n", "last log line: RuntimeError: boom"),
+        ("echo 'Successfully started run 42'\necho '@@fedaudit {\"event\": \"error\", \"error\": \"only 1 of 2 client nodes connected\"}'\n", "only 1 of 2 client nodes"),
+        ("echo 'Connection to the SuperLink is unavailable' >&2\nexit 1\n", "could not submit the run (exit code 1): Connection to the SuperLink"),
+    ],
+)
+def test_a_failed_deployment_run_is_recorded_failed(tmp_path, monkeypatch, body, expected):
+    import server.submit as submit
+    from shared.store import RunStore
+
+    monkeypatch.setattr(submit, "flwr_binary", lambda: _fake_flwr(tmp_path, body))
+    store = RunStore(tmp_path / "runs")
+    store.create_run("r1", {"dp": True}, info={"engine": "deployment", "submitted": {}})
+    job = submit.DeploymentJob("r1", resolve(None, clients=2, rounds=1), Connection("127.0.0.1", 9, insecure=True), str(store.root))
+    summary = submit.run_deployment_job(job)
+    assert summary["status"] == "failed" and expected in summary["error"], summary["error"]
+    assert store.get_run("r1").status == "failed"
+
+
+def test_node_config_keys_override_the_message(tmp_path, monkeypatch):
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from clients.encryption import encryption_mod, encryption_settings
+    from shared.crypto import init_keys
+
+    for name in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, name, 1)
+    msg = Message(RecordDict({"config": ConfigRecord({"keys-dir": "/server/side/keys"})}), dst_node_id=1, message_type="train")
+
+    def ctx(node_config):
+        return Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config={})
+
+    assert encryption_settings(msg, ctx({"partition-id": 0})) == ("/server/side/keys", "")  # simulation
+    assert encryption_settings(msg, ctx({"partition-id": 0, "keys-dir": "/node/keys"})) == ("/node/keys", "")
+    assert encryption_settings(msg, ctx({"partition-id": 0, "keys-dir": ""})) is None  # a node without keys
+
+    # A node holding keys refuses a plaintext model even when the server's config says encryption is off.
+    keys = init_keys(tmp_path / "keys", 1)
+    plain = Message(RecordDict({"config": ConfigRecord({"keys-dir": "", "run-id": "r", "server-round": 1}),
+                                "arrays": ArrayRecord({"w": Array(np.zeros(2, dtype=np.float32))})}), dst_node_id=1, message_type="train")
+    trained = []
+    reply = encryption_mod(plain, ctx({"partition-id": 0, "keys-dir": str(keys)}), lambda m, c: trained.append(1))
+    assert reply.has_error() and "plaintext" in reply.error.reason and not trained
+
+
+def test_local_node_data(tmp_path):
+    from shared.data import local_client_data
+
+    frame = pd.DataFrame(np.random.default_rng(0).normal(size=(50, 3)), columns=["a", "b", "c"])
+    frame["label"] = np.arange(50) % 3
+    frame.to_csv(tmp_path / "mine.csv", index=False)
+    data = local_client_data(str(tmp_path), None, 0.2, 0, 3)
+    assert len(data.y_train) == 40 and len(data.y_val) == 10
+    with pytest.raises(BadInput, match="must lie in 0..1"):
+        local_client_data(str(tmp_path / "mine.csv"), "label", 0.2, 0, 2)
+
+
+def test_stop_tree_kills_orphaned_grandchildren():
+    from shared.processes import alive, descendants, stop_tree
+
+    # The shell ignores SIGTERM and its children would outlive it.
+    proc = subprocess.Popen(["sh", "-c", "trap '' TERM; sleep 300 & sleep 300 & wait"], start_new_session=True)
+    try:
+        deadline = time.time() + 10
+        while len(descendants(proc.pid)) < 2 and time.time() < deadline:
+            time.sleep(0.1)
+        kids = descendants(proc.pid)
+        assert len(kids) >= 2
+        stop_tree(proc, grace=1.0)
+        time.sleep(0.3)
+        assert proc.poll() is not None
+        assert not any(alive(k) for k in kids)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+# --------------------------------------------------------------------------- loopback federations
+class Federation:
+    """A SuperLink and SuperNodes on 127.0.0.1 with TLS, each in its own process group."""
+
+    def __init__(self, base: Path, nodes: int, data_dirs: dict[int, Path] | None = None):
+        self.base = base
+        self.env = {**os.environ, "FLWR_HOME": str(base / "flwr-home"), "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+        self.env.pop("FEDAUDIT_RUNS_DIR", None)
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.certs = base / "certs"
+        self.keys = base / "keys"
+        self.server_runs = base / "server-runs"
+        self.port = free_port()
+        assert run_cli("certs", "init", str(self.certs), env=self.env).returncode == 0
+        assert run_cli("keys", "init", str(self.keys), "--clients", str(nodes), env=self.env).returncode == 0
+        self.start("superlink", "superlink", "--certs", str(self.certs), "--port", str(self.port), "--keys", str(self.keys),
+                   "--runs-dir", str(self.server_runs), "--log-file", str(base / "superlink.log"))
+        self._wait_for_port()
+        for i in range(nodes):
+            extra = ["--data-dir", str(data_dirs[i])] if data_dirs and i in data_dirs else []
+            self.start(f"node{i}", "supernode", "--superlink", f"127.0.0.1:{self.port}", "--root-certificates", str(self.certs / "ca.crt"),
+                       "--partition-id", str(i), "--num-partitions", str(nodes), "--port", str(free_port()), "--keys", str(self.keys),
+                       "--log-file", str(base / f"node{i}.log"), *extra)
+
+    def start(self, name: str, *args: str) -> None:
+        out = open(self.base / f"{name}.out", "wb")
+        self.procs[name] = subprocess.Popen([sys.executable, "-m", "cli", *args], cwd=ROOT, env=self.env, stdout=out, stderr=subprocess.STDOUT,
+                                            start_new_session=True)
+
+    def _wait_for_port(self, timeout: float = 90) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.procs["superlink"].poll() is not None:
+                raise RuntimeError(f"fedaudit superlink exited: {(self.base / 'superlink.out').read_text()[-2000:]}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.5)
+        raise RuntimeError("the SuperLink did not start listening")
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Signal a whole process group by its id (the PID of its leader)."""
+        proc = self.procs[name]
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def stop(self) -> None:
+        for name in self.procs:
+            self.kill(name, signal.SIGTERM)
+        deadline = time.time() + 20
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                pass
+        for name in self.procs:
+            self.kill(name, signal.SIGKILL)
+            self.procs[name].wait(timeout=10)
+
+    def run(self, *args: str, runs_dir: Path, timeout: float = 900) -> subprocess.CompletedProcess:
+        return run_cli("run", "--engine", "deployment", "--superlink", f"127.0.0.1:{self.port}", *args, "--runs-dir", str(runs_dir),
+                       env=self.env, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def loopback(tmp_path_factory):
+    base = tmp_path_factory.mktemp("loopback")
+    # Node 1 reads its own file (--data-dir): its partition of digits, as a CSV.
+    from shared.data import client_data
+
+    spec = resolve(None, dataset="digits", clients=2, seed=7).data_spec
+    part = client_data(spec, 1)
+    x, y = np.concatenate([part.x_train, part.x_val]), np.concatenate([part.y_train, part.y_val])
+    frame = pd.DataFrame(x, columns=[f"p{i}" for i in range(x.shape[1])])
+    frame["label"] = y
+    frame = frame.iloc[:700]  # not the partition's 718 rows, to tell the two apart
+    (base / "node1-data").mkdir()
+    frame.to_csv(base / "node1-data" / "digits-part.csv", index=False)
+    federation = Federation(base, nodes=2, data_dirs={1: base / "node1-data"})
+    yield federation
+    federation.stop()
+
+
+@pytest.fixture(scope="module")
+def loopback_run(loopback):
+    runs = loopback.base / "local-runs"
+    started = time.time()
+    proc = loopback.run("--root-certificates", str(loopback.certs / "ca.crt"), "--dataset", "digits", "--clients", "2", "--rounds", "2",
+                        "--seed", "7", "--model", "logreg", "--dp", "--encrypt", "--reply-timeout", "240", "--json", runs_dir=runs)
+    seconds = time.time() - started
+    assert proc.returncode == 0, proc.stderr[-3000:] + _logs(loopback)
+    return json.loads(proc.stdout), runs, seconds
+
+
+def _logs(federation: Federation) -> str:
+    return "".join(f"\n--- {p.name}\n{p.read_text(errors='replace')[-1500:]}" for p in sorted(federation.base.glob("*.out")))
+
+
+@pytest.mark.deployment
+def test_loopback_tls_run_lands_in_the_local_store(loopback_run, loopback):
+    summary, runs, seconds = loopback_run
+    print(f"loopback deployment run (2 nodes, 2 rounds, TLS, DP, encrypted): {seconds:.1f} s")
+    assert summary["status"] == "completed" and summary["engine"] == "deployment"
+    assert summary["rounds"] == 2 and summary["encrypted"] is True
+    assert summary["epsilon"] > 0 and summary["delta"] > 0
+    assert summary["accuracy"] > 0.5
+    # Node 1 read its own file (700 rows: 630 to train, 70 to validate), not its partition.
+    sizes = {c["client"]: (c["num_train"], c["num_val"]) for c in summary["clients"]}
+    assert sizes[1] == (630, 70) and sizes[0][0] > 600
+    run_dir = Path(summary["run_dir"])
+    assert run_dir.parent == runs.resolve()
+    for name in ("model.safetensors", "model.json", "audit.jsonl", "audit.jsonl.sig", "config.toml", "keys/registry.json"):
+        assert (run_dir / name).is_file(), name
+    # The server kept its own copy on the SuperLink host.
+    assert (loopback.server_runs / summary["run_id"] / "audit.jsonl").read_bytes() == (run_dir / "audit.jsonl").read_bytes()
+
+    shown = json.loads(run_cli("show", summary["run_id"], "--json", runs_dir=runs).stdout)
+    assert shown["status"] == "completed" and [r["round"] for r in shown["rounds"]] == [1, 2]
+    ledger = [c for r in shown["rounds"] for c in r["clients"] if c["steps"]]
+    assert {c["client"] for c in ledger} == {0, 1} and all(c["epsilon"] > 0 for c in ledger)
+    listed = json.loads(run_cli("runs", "--json", runs_dir=runs).stdout)
+    assert [r["run_id"] for r in listed] == [summary["run_id"]]
+
+
+@pytest.mark.deployment
+def test_loopback_audit_log_verifies(loopback_run, loopback):
+    summary, runs, _ = loopback_run
+    verified = run_cli("verify", summary["run_id"], "--json", runs_dir=runs)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert json.loads(verified.stdout)["ok"] is True
+    # Also against the operator's own copy of the public keys.
+    own = run_cli("verify", summary["run_id"], "--keys", str(loopback.keys), "--json", runs_dir=runs)
+    assert own.returncode == 0 and json.loads(own.stdout)["entries"] >= 4
+    kinds = [json.loads(line)["kind"] for line in (Path(summary["run_dir"]) / "audit.jsonl").read_text().splitlines()]
+    assert kinds[0] == "run-start" and kinds[-1] == "run-end" and kinds.count("round") == 2
+
+
+@pytest.mark.deployment
+def test_loopback_run_can_be_audited(loopback_run):
+    summary, runs, _ = loopback_run
+    proc = run_cli("audit", summary["run_id"], "--reference-models", "0", "--json", runs_dir=runs)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout)
+    assert report["utility"]["accuracy"] == pytest.approx(summary["accuracy"])
+
+
+@pytest.mark.deployment
+@pytest.mark.parametrize("args, expected", [(["--insecure"], "speaks TLS but --insecure was given"), (["--root-certificates", "OTHER"], "not signed by")])
+def test_loopback_tls_mismatch_is_named_before_submitting(loopback, args, expected, tmp_path):
+    if "OTHER" in args:
+        args = ["--root-certificates", str(init_certs(tmp_path / "other").ca_cert)]
+    proc = loopback.run(*args, "--rounds", "1", runs_dir=tmp_path / "runs", timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    message = proc.stderr.strip()
+    assert message.startswith("error: TLS mismatch") and expected in message and len(message.splitlines()) == 1
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.deployment
+def test_run_survives_a_supernode_killed_mid_run(tmp_path):
+    federation = Federation(tmp_path, nodes=3)
+    try:
+        runs = tmp_path / "local-runs"
+        args = ["run", "--engine", "deployment", "--superlink", f"127.0.0.1:{federation.port}", "--root-certificates", str(federation.certs / "ca.crt"),
+                "--dataset", "digits", "--clients", "3", "--rounds", "2", "--seed", "3", "--model", "logreg", "--no-dp", "--min-replies", "2",
+                "--reply-timeout", "150", "--runs-dir", str(runs), "--json"]
+        started = time.time()
+        out = open(tmp_path / "run.out", "w")
+        run = subprocess.Popen([sys.executable, "-m", "cli", *args], cwd=ROOT, env=federation.env, stdout=out, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+        try:
+            # Kill node 2 (SIGKILL to its whole process group) once round 1 is in the server's store.
+            db = federation.server_runs / "runs.db"
+            deadline = time.time() + 600
+            while time.time() < deadline and run.poll() is None:
+                if db.exists() and _rounds_done(db) >= 1:
+                    break
+                time.sleep(1)
+            assert run.poll() is None, "the run ended before round 1 was recorded"
+            federation.kill("node2")
+            killed_at = time.time()
+            _, stderr = run.communicate(timeout=900)
+        finally:
+            if run.poll() is None:
+                os.killpg(run.pid, signal.SIGKILL)
+        out.close()
+        print(f"killed-node run: {time.time() - started:.1f} s in all, {time.time() - killed_at:.1f} s after the kill")
+        assert run.returncode == 0, stderr[-3000:] + _logs(federation)
+        summary = json.loads((tmp_path / "run.out").read_text())
+        assert summary["status"] == "completed" and summary["rounds"] == 2
+        shown = json.loads(run_cli("show", summary["run_id"], "--json", runs_dir=runs).stdout)
+        round2 = {c["client"] for c in shown["rounds"][1]["clients"] if c["num_examples"]}
+        assert round2 == {0, 1}
+        assert run_cli("verify", summary["run_id"], "--runs-dir", str(runs)).returncode == 0
+    finally:
+        federation.stop()
+
+
+def _rounds_done(db: Path) -> int:
+    import sqlite3
+
+    try:
+        with sqlite3.connect(db, timeout=5) as conn:
+            return conn.execute("SELECT COUNT(*) FROM rounds WHERE model_sha256 IS NOT NULL").fetchone()[0]
+    except sqlite3.Error:
+        return 0
+
+
+@pytest.mark.deployment
+def test_plain_text_superlink_without_keys(tmp_path):
+    """Against a real --insecure SuperLink: TLS settings are a named mismatch, and an
+    encrypted run on a SuperLink without --keys is recorded as failed with the reason."""
+    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home"), "PYTHONPATH": str(ROOT)}
+    env.pop("FEDAUDIT_RUNS_DIR", None)
+    port = free_port()
+    out = open(tmp_path / "superlink.out", "wb")
+    link = subprocess.Popen([sys.executable, "-m", "cli", "superlink", "--insecure", "--port", str(port), "--runs-dir", str(tmp_path / "server-runs")],
+                            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.time() < deadline and link.poll() is None, (tmp_path / "superlink.out").read_text()
+                time.sleep(0.5)
+        ca = init_certs(tmp_path / "certs").ca_cert
+        runs = tmp_path / "runs"
+        base = ("run", "--engine", "deployment", "--superlink", f"127.0.0.1:{port}", "--clients", "2", "--rounds", "1", "--runs-dir", str(runs))
+        mismatch = run_cli(*base, "--root-certificates", str(ca), env=env, timeout=120)
+        assert mismatch.returncode == 2 and "does not speak TLS" in mismatch.stderr and not runs.exists()
+
+        failed = run_cli(*base, "--insecure", "--json", env=env, timeout=300)
+        assert failed.returncode == 1, failed.stderr
+        summary = json.loads(failed.stdout)
+        assert summary["status"] == "failed" and "no keys" in summary["error"]
+        listed = json.loads(run_cli("runs", "--json", runs_dir=runs).stdout)
+        assert [(r["run_id"], r["status"]) for r in listed] == [(summary["run_id"], "failed")]
+    finally:
+        try:
+            os.killpg(link.pid, signal.SIGTERM)
+            link.wait(timeout=20)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+        try:
+            os.killpg(link.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        link.wait(timeout=10)
+        out.close()
