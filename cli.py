@@ -180,7 +180,7 @@ def _run_simulation(settings: dict, config, resume, runs_dir, keys, keys_passphr
         given = sorted(k.replace("_", "-") for k, v in settings.items() if v is not None and k != "ray_address")
         if given or config:
             raise FedauditError(f"--resume takes the run's stored config; drop {', '.join('--' + g for g in given) or '--config'}")
-        job = prepare_resume(resume, runs_dir, ray_address=ray_address)
+        job = prepare_resume(resume, runs_dir, ray_address=settings["ray_address"])
     else:
         if settings["data"] is not None:
             settings["data"] = str(settings["data"])

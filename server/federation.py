@@ -136,8 +136,8 @@ def describe_clients(grid: Grid, job: ServerJob, base: ConfigRecord) -> dict[int
         m = _metrics(reply)
         pid = int(m[PARTITION_ID])
         # On real SuperNodes partition ids are set by hand (`fedaudit supernode --partition-id`).
-        if not 0 <= pid < job.config.clients:
-            raise FederationError(f"a client node says it is client {pid}, outside 0..{job.config.clients - 1} (--clients {job.config.clients})")
+        if not 0 <= pid < job.config.nodes:
+            raise FederationError(f"a client node says it is client {pid}, outside 0..{job.config.nodes - 1} (--clients {job.config.clients})")
         if pid in node_of:
             raise FederationError(f"two client nodes both say they are client {pid}; give every SuperNode its own --partition-id")
         node_of[pid] = reply.metadata.src_node_id
