@@ -392,28 +392,49 @@ def loopback(tmp_path_factory):
     # Node 1 reads its own file (--data-dir): its partition of digits, as a CSV.
     from shared.data import client_data
 
-    spec = resolve(None, dataset="digits", clients=2, seed=7).data_spec
+    spec = resolve(None, dataset="digits", clients=3, seed=7).data_spec
     part = client_data(spec, 1)
     x, y = np.concatenate([part.x_train, part.x_val]), np.concatenate([part.y_train, part.y_val])
     frame = pd.DataFrame(x, columns=[f"p{i}" for i in range(x.shape[1])])
     frame["label"] = y
-    frame = frame.iloc[:700]  # not the partition's 718 rows, to tell the two apart
+    frame = frame.iloc[:450]  # not the partition's 479 rows, to tell the two apart
     (base / "node1-data").mkdir()
     frame.to_csv(base / "node1-data" / "digits-part.csv", index=False)
-    federation = Federation(base, nodes=2, data_dirs={1: base / "node1-data"})
+    # Node 2 is killed after round 1 (see loopback_run).
+    federation = Federation(base, nodes=3, data_dirs={1: base / "node1-data"})
     yield federation
     federation.stop()
 
 
 @pytest.fixture(scope="module")
 def loopback_run(loopback):
+    """An encrypted, private 2-round job on 3 TLS SuperNodes; node 2 is SIGKILLed (its
+    whole process group) once round 1 is in the server's store. With --min-replies 2 the
+    run goes on with the other two (one federation for both checks: each costs minutes)."""
     runs = loopback.base / "local-runs"
+    args = ["run", "--engine", "deployment", "--superlink", f"127.0.0.1:{loopback.port}", "--root-certificates", str(loopback.certs / "ca.crt"),
+            "--dataset", "digits", "--clients", "3", "--rounds", "2", "--seed", "7", "--model", "logreg", "--dp", "--encrypt",
+            "--min-replies", "2", "--reply-timeout", "150", "--runs-dir", str(runs), "--json"]
     started = time.time()
-    proc = loopback.run("--root-certificates", str(loopback.certs / "ca.crt"), "--dataset", "digits", "--clients", "2", "--rounds", "2",
-                        "--seed", "7", "--model", "logreg", "--dp", "--encrypt", "--reply-timeout", "240", "--json", runs_dir=runs)
-    seconds = time.time() - started
-    assert proc.returncode == 0, proc.stderr[-3000:] + _logs(loopback)
-    return json.loads(proc.stdout), runs, seconds
+    out_path = loopback.base / "run.out"
+    with open(out_path, "w") as out:
+        run = subprocess.Popen([sys.executable, "-m", "cli", *args], cwd=ROOT, env=loopback.env, stdout=out, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+        try:
+            db = loopback.server_runs / "runs.db"
+            deadline = time.time() + 600
+            while time.time() < deadline and run.poll() is None and not (db.exists() and _rounds_done(db) >= 1):
+                time.sleep(1)
+            assert run.poll() is None, "the run ended before round 1 was recorded: " + run.stderr.read()[-3000:] + _logs(loopback)
+            loopback.kill("node2")
+            killed_at = time.time()
+            _, stderr = run.communicate(timeout=900)
+        finally:
+            if run.poll() is None:
+                os.killpg(run.pid, signal.SIGKILL)
+    print(f"loopback run: {time.time() - started:.1f} s in all, {time.time() - killed_at:.1f} s after the kill")
+    assert run.returncode == 0, stderr[-3000:] + _logs(loopback)
+    return json.loads(out_path.read_text()), runs, time.time() - started
 
 
 def _logs(federation: Federation) -> str:
@@ -423,14 +444,14 @@ def _logs(federation: Federation) -> str:
 @pytest.mark.deployment
 def test_loopback_tls_run_lands_in_the_local_store(loopback_run, loopback):
     summary, runs, seconds = loopback_run
-    print(f"loopback deployment run (2 nodes, 2 rounds, TLS, DP, encrypted): {seconds:.1f} s")
+    print(f"loopback deployment run (3 nodes, one killed, 2 rounds, TLS, DP, encrypted): {seconds:.1f} s")
     assert summary["status"] == "completed" and summary["engine"] == "deployment"
     assert summary["rounds"] == 2 and summary["encrypted"] is True
     assert summary["epsilon"] > 0 and summary["delta"] > 0
     assert summary["accuracy"] > 0.5
-    # Node 1 read its own file (700 rows: 630 to train, 70 to validate), not its partition.
+    # Node 1 read its own file (450 rows: 405 to train, 45 to validate), not its partition.
     sizes = {c["client"]: (c["num_train"], c["num_val"]) for c in summary["clients"]}
-    assert sizes[1] == (630, 70) and sizes[0][0] > 600
+    assert sizes[1] == (405, 45) and sizes[0][0] > 400
     run_dir = Path(summary["run_dir"])
     assert run_dir.parent == runs.resolve()
     for name in ("model.safetensors", "model.json", "audit.jsonl", "audit.jsonl.sig", "config.toml", "keys/registry.json"):
@@ -441,7 +462,16 @@ def test_loopback_tls_run_lands_in_the_local_store(loopback_run, loopback):
     shown = json.loads(run_cli("show", summary["run_id"], "--json", runs_dir=runs).stdout)
     assert shown["status"] == "completed" and [r["round"] for r in shown["rounds"]] == [1, 2]
     ledger = [c for r in shown["rounds"] for c in r["clients"] if c["steps"]]
-    assert {c["client"] for c in ledger} == {0, 1} and all(c["epsilon"] > 0 for c in ledger)
+    assert {c["client"] for c in ledger} == {0, 1, 2} and all(c["epsilon"] > 0 for c in ledger)
+
+
+@pytest.mark.deployment
+def test_run_survives_a_supernode_killed_mid_run(loopback_run):
+    summary, runs, _ = loopback_run
+    assert summary["status"] == "completed" and summary["rounds"] == 2
+    shown = json.loads(run_cli("show", summary["run_id"], "--json", runs_dir=runs).stdout)
+    trained = [{c["client"] for c in r["clients"] if c["num_examples"]} for r in shown["rounds"]]
+    assert trained == [{0, 1, 2}, {0, 1}]  # node 2 was killed after round 1
     listed = json.loads(run_cli("runs", "--json", runs_dir=runs).stdout)
     assert [r["run_id"] for r in listed] == [summary["run_id"]]
 
@@ -478,46 +508,6 @@ def test_loopback_tls_mismatch_is_named_before_submitting(loopback, args, expect
     message = proc.stderr.strip()
     assert message.startswith("error: TLS mismatch") and expected in message and len(message.splitlines()) == 1
     assert not (tmp_path / "runs").exists()
-
-
-@pytest.mark.deployment
-def test_run_survives_a_supernode_killed_mid_run(tmp_path):
-    federation = Federation(tmp_path, nodes=3)
-    try:
-        runs = tmp_path / "local-runs"
-        args = ["run", "--engine", "deployment", "--superlink", f"127.0.0.1:{federation.port}", "--root-certificates", str(federation.certs / "ca.crt"),
-                "--dataset", "digits", "--clients", "3", "--rounds", "2", "--seed", "3", "--model", "logreg", "--no-dp", "--min-replies", "2",
-                "--reply-timeout", "150", "--runs-dir", str(runs), "--json"]
-        started = time.time()
-        out = open(tmp_path / "run.out", "w")
-        run = subprocess.Popen([sys.executable, "-m", "cli", *args], cwd=ROOT, env=federation.env, stdout=out, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
-        try:
-            # Kill node 2 (SIGKILL to its whole process group) once round 1 is in the server's store.
-            db = federation.server_runs / "runs.db"
-            deadline = time.time() + 600
-            while time.time() < deadline and run.poll() is None:
-                if db.exists() and _rounds_done(db) >= 1:
-                    break
-                time.sleep(1)
-            assert run.poll() is None, "the run ended before round 1 was recorded"
-            federation.kill("node2")
-            killed_at = time.time()
-            _, stderr = run.communicate(timeout=900)
-        finally:
-            if run.poll() is None:
-                os.killpg(run.pid, signal.SIGKILL)
-        out.close()
-        print(f"killed-node run: {time.time() - started:.1f} s in all, {time.time() - killed_at:.1f} s after the kill")
-        assert run.returncode == 0, stderr[-3000:] + _logs(federation)
-        summary = json.loads((tmp_path / "run.out").read_text())
-        assert summary["status"] == "completed" and summary["rounds"] == 2
-        shown = json.loads(run_cli("show", summary["run_id"], "--json", runs_dir=runs).stdout)
-        round2 = {c["client"] for c in shown["rounds"][1]["clients"] if c["num_examples"]}
-        assert round2 == {0, 1}
-        assert run_cli("verify", summary["run_id"], "--runs-dir", str(runs)).returncode == 0
-    finally:
-        federation.stop()
 
 
 def _rounds_done(db: Path) -> int:
