@@ -156,6 +156,8 @@ def run(
             raise FedauditError("--resume works on the Simulation Engine only")
         if keys_passphrase_env:
             raise FedauditError("--keys-passphrase-env: in deployment the server's keys live on the SuperLink host; give it to `fedaudit superlink`")
+        if settings.get("ray_address"):
+            raise FedauditError("--ray-address is for the simulation engine; a deployment runs on its SuperNodes")
         if settings["data"] is not None:
             settings["data"] = str(settings["data"])
         summary = _run_deployment(resolve(config, **settings), superlink, root_certificates, insecure, reply_timeout, runs_dir, keys, as_json=as_json, verbose=verbose)

@@ -33,7 +33,7 @@ import numpy as np
 from audit.empirical import gaussian_epsilon_from_cosines, one_run_audit
 from audit.mia import logit_confidence
 from shared import privacy
-from shared.canaries import SECRET_FILE, flat_directions, load_secret
+from shared.canaries import SECRET_FILE, flat_direction, load_secret
 from shared.errors import BadInput
 from shared.models import initial_model
 
@@ -140,8 +140,9 @@ def client_canary_audit(run: StoredRun, store: RunStore, delta: float | None, un
     if norm == 0.0:
         raise BadInput(f"run {run.run_id}: the final model equals the initial one; there is nothing to measure")
     shapes = {k: initial[k].shape for k in keys}
-    observed = flat_directions(secret.direction_seed, range(m), shapes) @ change / norm
-    never_sent = flat_directions(secret.direction_seed, range(m, m + unobserved), shapes) @ change / norm
+    # One direction at a time: stacking M + 1000 of them would cost (M + 1000) x P floats.
+    cosines = np.array([flat_direction(secret.direction_seed, j, shapes) @ change / norm for j in range(m + unobserved)])
+    observed, never_sent = cosines[:m], cosines[m:]
     stated_delta = delta if delta else 1e-5
     result = gaussian_epsilon_from_cosines(observed, never_sent, stated_delta)
     summary = store.get_rounds(run.run_id)

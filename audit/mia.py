@@ -94,6 +94,8 @@ class Recipe:
     client_noise_multiplier: float = 1.0
     client_clip: float = 1.0
     client_sample_rate: float = 1.0
+    # Canary clients count in the target run's fixed denominator q * (clients + canaries).
+    canary_clients: int = 0
 
     @classmethod
     def from_run(cls, run: StoredRun) -> Recipe:
@@ -104,7 +106,7 @@ class Recipe:
             fraction=c.fraction, proximal_mu=c.proximal_mu if c.strategy == "fedprox" else 0.0,
             dp=c.dp, noise_multiplier=c.noise_multiplier, max_grad_norm=c.max_grad_norm,
             client_dp=c.client_dp, client_noise_multiplier=c.client_noise_multiplier, client_clip=c.client_clip,
-            client_sample_rate=c.participation_rate,
+            client_sample_rate=c.participation_rate, canary_clients=c.canary_clients,
         )
 
 
@@ -162,7 +164,7 @@ def train_federated(recipe: Recipe, x: np.ndarray, y: np.ndarray, seed: int = 0)
                     total = [t + u * factor for t, u in zip(total, update)]
                 gen = torch.Generator().manual_seed(seed * 7919 + round_)
                 std = recipe.client_noise_multiplier * recipe.client_clip
-                mean = [(t + std * torch.randn(t.shape, generator=gen)) / (recipe.client_sample_rate * n_clients) for t in total]
+                mean = [(t + std * torch.randn(t.shape, generator=gen)) / (recipe.client_sample_rate * (n_clients + recipe.canary_clients)) for t in total]
             elif updates:
                 w = np.asarray(weights, dtype=float) / sum(weights)
                 mean = [sum(float(wi) * u[j] for wi, u in zip(w, updates)) for j in range(len(start))]

@@ -7,6 +7,7 @@ accumulates across every round in which this client trained.
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 
@@ -250,18 +251,21 @@ def evaluate_local(msg: Message, context: Context, canaries: CanarySecret | None
     return _reply(msg, {NUM_EXAMPLES: len(data.y_val), "loss": loss, "accuracy": accuracy, PARTITION_ID: pid})
 
 
+@functools.lru_cache(maxsize=4)
+def _cached_secret(path: str) -> CanarySecret:
+    return load_secret(path)
+
+
 def build_app(canaries_file: str | None = None) -> ClientApp:
     """fedaudit's ClientApp; with ``canaries_file``, it plays the run's canaries.
 
     The canary secret is read from the run store by the client side only: it never
     travels in a message, so the server cannot tell which canaries were included.
     """
-    secret: list[CanarySecret | None] = []
-
     def canaries() -> CanarySecret | None:
-        if not secret:
-            secret.append(load_secret(canaries_file) if canaries_file else None)
-        return secret[0]
+        # Flower's Ray backend ships the app with every message, so a closure cache
+        # would start empty each time: cache per worker process instead.
+        return _cached_secret(canaries_file) if canaries_file else None
 
     client_app = ClientApp(mods=[encryption_mod])
 

@@ -119,6 +119,22 @@ def _wait_for_nodes(grid: Grid, count: int) -> list[int]:
     return nodes
 
 
+def check_sizes(job: ServerJob, sizes: list[int]) -> None:
+    """Re-check, against what the nodes really hold, what preflight checked on the spec.
+
+    On a real node started with ``--data-dir`` the records are the node's own, so delta
+    (which must stay below 1/n of the smallest client) is checked again here.
+    """
+    c = job.config
+    if not sizes:
+        return
+    smallest = min(sizes)
+    if smallest < c.batch_size:
+        raise FederationError(f"client {sizes.index(smallest)} holds {smallest} training records, fewer than --batch-size {c.batch_size}")
+    if c.dp and job.delta >= 1.0 / smallest:
+        raise FederationError(f"delta {job.delta:g} is not below 1/(smallest client's records) = 1/{smallest}; give a smaller --delta")
+
+
 def describe_clients(grid: Grid, job: ServerJob, base: ConfigRecord) -> dict[int, int]:
     """Ask every node for its partition id and data summary; return partition -> node.
 
@@ -145,6 +161,7 @@ def describe_clients(grid: Grid, job: ServerJob, base: ConfigRecord) -> dict[int
             continue
         summaries.append({"client": pid, "num_train": int(m[NUM_EXAMPLES]), "num_val": int(m["num-val"]), "label_histogram": list(m["label-histogram"])})
     summaries.sort(key=lambda s: s["client"])
+    check_sizes(job, [s["num_train"] for s in summaries])
     RunStore(job.runs_dir).record_clients(job.run_id, summaries)
     if job.on_clients:
         job.on_clients(summaries)
@@ -243,6 +260,7 @@ def _run_rounds(grid: Grid, job: ServerJob, log: AuditLog, exchange_key) -> dict
 
     base = _config_record(job, meta)
     node_of = describe_clients(grid, job, base)
+    node_client = {node: pid for pid, node in node_of.items()}
     strategy: Strategy = ParticipatingClients(
         build_strategy(
             c.strategy, proximal_mu=c.proximal_mu, server_lr=c.server_lr, client_lr=c.lr,
@@ -322,11 +340,14 @@ def _run_rounds(grid: Grid, job: ServerJob, log: AuditLog, exchange_key) -> dict
         if exchange is not None:
             trained = exchange.verify_train(rnd, trained)
             rejected = [{k: v for k, v in r.items() if k != "node"} for r in exchange.rejections.get(rnd, [])]
-        answered = len(train_messages) - sum(1 for r in spend if r["refused"])
+        # Canary clients' replies are not client replies: they never satisfy --min-replies.
+        real = [r for r in trained if int(_metrics(r)[PARTITION_ID]) < c.clients]
+        asked = sum(1 for m in train_messages if node_client.get(m.metadata.dst_node_id, 0) < c.clients)
+        answered = asked - sum(1 for r in spend if r["refused"])
         needed = min(c.min_replies, answered)
-        if len(trained) < needed:
+        if len(real) < needed:
             reasons = "; ".join(f"client {r['client']}: {r['reason']}" for r in rejected) or "replies missing"
-            raise FederationError(f"round {rnd}: {len(trained)} valid replies, fewer than --min-replies {c.min_replies} ({reasons})")
+            raise FederationError(f"round {rnd}: {len(real)} valid replies, fewer than --min-replies {c.min_replies} ({reasons})")
 
         updates = {int(_metrics(r)[PARTITION_ID]): {k: a.numpy() for k, a in r.content["arrays"].items()} for r in trained}
         scores = score_updates(weights, {pid: u for pid, u in updates.items() if pid < c.clients})
@@ -390,7 +411,7 @@ def _run_rounds(grid: Grid, job: ServerJob, log: AuditLog, exchange_key) -> dict
             },
         )
         if job.on_round:
-            job.on_round(RoundReport(rnd, c.rounds, accuracy, loss, epsilons.get("epsilon"), len(trained), seconds, epsilons.get("client_epsilon")))
+            job.on_round(RoundReport(rnd, c.rounds, accuracy, loss, epsilons.get("epsilon"), len(real), seconds, epsilons.get("client_epsilon")))
         if status == "budget-exhausted" or (job.stop_after_round is not None and rnd >= job.stop_after_round):
             break
 

@@ -95,18 +95,30 @@ def load_secret(path: str | os.PathLike[str]) -> CanarySecret:
         return CanarySecret.from_json(path.read_bytes())
     except FileNotFoundError:
         raise BadInput(f"canary secret not found: {path}") from None
+    except OSError as exc:
+        raise BadInput(f"cannot read canary secret {path}: {exc.strerror}") from None
     except (ValueError, KeyError, TypeError) as exc:
         raise BadInput(f"canary secret {path} is unreadable: {exc}") from None
 
 
 def canary_direction(seed: int, index: int, shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
-    """Canary j's unit direction over all of the model's arrays (isotropic: a normalised Gaussian)."""
+    """Canary j's unit direction over all of the model's arrays (isotropic: a normalised Gaussian).
+
+    Drawn in sorted key order, so the clients and the audit get the same direction
+    whatever order they list the arrays in.
+    """
     rng = np.random.default_rng([seed, index])
-    parts = {k: rng.standard_normal(size=shape) for k, shape in shapes.items()}
+    parts = {k: rng.standard_normal(size=shapes[k]) for k in sorted(shapes)}
     norm = np.sqrt(sum(float(np.sum(p * p)) for p in parts.values()))
     return {k: p / norm for k, p in parts.items()}
 
 
+def flat_direction(seed: int, index: int, shapes: dict[str, tuple[int, ...]]) -> np.ndarray:
+    """Canary ``index``'s unit direction flattened in ``shapes``' key order (for cosines)."""
+    direction = canary_direction(seed, index, shapes)
+    return np.concatenate([direction[k].ravel() for k in shapes])
+
+
 def flat_directions(seed: int, indices: range, shapes: dict[str, tuple[int, ...]]) -> np.ndarray:
-    """Rows of unit directions, flattened in ``shapes``' key order (for cosines)."""
-    return np.stack([np.concatenate([d.ravel() for d in canary_direction(seed, j, shapes).values()]) for j in indices])
+    """Rows of :func:`flat_direction`."""
+    return np.stack([flat_direction(seed, j, shapes) for j in indices])

@@ -59,10 +59,14 @@ def shared_ray_cluster():
     if os.environ.get("RAY_ADDRESS") or os.environ.get("FEDAUDIT_TEST_OWN_RAY"):
         yield None
         return
+    import shutil
+    import tempfile
+
     port = _free_port()
-    temp = Path("/tmp/fedaudit-ray-tests")
-    log = temp.with_suffix(".log")
-    temp.mkdir(exist_ok=True)
+    # A short path of its own: Ray's socket paths must stay short, and two sessions on
+    # one machine must not share a temp dir.
+    temp = Path(tempfile.mkdtemp(prefix="frt-", dir="/tmp"))
+    log = temp / "ray-start.log"
     ray = Path(sys.executable).with_name("ray")
     with open(log, "w") as out:
         proc = subprocess.Popen(
@@ -87,6 +91,7 @@ def shared_ray_cluster():
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 SMALL = ("--dataset", "digits", "--clients", "3", "--rounds", "2", "--seed", "7", "--model", "logreg")

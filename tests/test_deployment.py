@@ -285,6 +285,25 @@ def test_node_config_keys_override_the_message(tmp_path, monkeypatch):
     assert reply.has_error() and "plaintext" in reply.error.reason and not trained
 
 
+def test_the_server_rechecks_delta_and_batch_size_against_what_nodes_hold():
+    """Nodes with --data-dir hold their own records: preflight's sizes are not theirs."""
+    from server.federation import FederationError, ServerJob, check_sizes
+
+    config = resolve(None, clients=2, batch_size=16)
+    job = ServerJob(run_id="r", config=config, delta=1e-4, runs_dir="/nonexistent", model_name="logreg")
+    check_sizes(job, [5000, 2000])
+    with pytest.raises(FederationError, match="not below 1/.*= 1/12000"):
+        check_sizes(job, [20000, 12000])
+    with pytest.raises(FederationError, match="fewer than --batch-size 16"):
+        check_sizes(job, [2000, 10])
+    check_sizes(ServerJob(run_id="r", config=resolve(None, clients=2, dp=False), delta=1e-3, runs_dir="/x", model_name="logreg"), [900, 900])
+
+
+def test_ray_address_is_refused_with_the_deployment_engine(tmp_path):
+    proc = run_cli("run", "--engine", "deployment", "--superlink", "127.0.0.1:9", "--insecure", "--ray-address", "auto", runs_dir=tmp_path)
+    assert proc.returncode == 2 and "--ray-address is for the simulation engine" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_local_node_data(tmp_path):
     from shared.data import local_client_data
 
