@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from sklearn import datasets
 
-from audit.empirical import mia_epsilon_lower_bound, mia_metrics
-from audit.mia import Recipe, membership_inference, train_federated
+from audit.empirical import mia_epsilon_lower_bound, mia_metrics, one_run_audit
+from audit.mia import Recipe, logit_confidence, membership_inference, train_federated
 from audit.report import Gates, check_gates, load_run
 from shared import privacy
 from shared.errors import BadInput
@@ -105,6 +105,17 @@ def noisy_digits():
     return x[members], y[members], x[nonmembers], y[nonmembers]
 
 
+@pytest.fixture(scope="module")
+def noisy_digits_canaries():
+    """150 further digits as canaries: a seeded wrong label each, each included with p = 1/2."""
+    bunch = datasets.load_digits()
+    x = (bunch.data.astype(np.float32) / 8.0 - 1.0)
+    pool = np.random.default_rng(1).permutation(len(x))[1200:1350]
+    rng = np.random.default_rng(2)
+    wrong = (bunch.target[pool] + rng.integers(1, 10, len(pool))) % 10
+    return x[pool], wrong.astype(np.int64), rng.random(len(pool)) < 0.5
+
+
 EPOCHS, BATCH = 40, 16
 
 
@@ -126,3 +137,18 @@ def test_overfit_model_leaks_and_strong_dp_does_not(private, noisy_digits):
     else:
         assert res["mia_auc"] > 0.6, res["attacks"]
         assert res["attacks"]["reference"]["auc"] > 0.6 and res["empirical_epsilon_lower_bound"] > 0.0
+
+
+def test_the_overfit_configuration_also_leaks_its_canaries(noisy_digits, noisy_digits_canaries):
+    """The same overfit recipe, its training data plus the included canaries: both the
+    membership attacks and the one-run canary audit see the leak on one model."""
+    x_m, y_m, x_n, y_n = noisy_digits
+    x_c, y_c, included = noisy_digits_canaries
+    recipe = Recipe("mlp", 64, 10, 8, clients=1, rounds=1, local_epochs=EPOCHS, batch_size=BATCH, lr=0.3,
+                    dp=False, noise_multiplier=1.0, max_grad_norm=1.0)
+    model = train_federated(recipe, np.concatenate([x_m, x_c[included]]), np.concatenate([y_m, y_c[included]]), seed=1)
+    res = membership_inference(model, x_m, y_m, x_n, y_n, delta=1e-5, recipe=recipe, reference_models=2, seed=0)
+    canaries = one_run_audit(logit_confidence(model, x_c, y_c), included, 1e-5)
+    assert res["mia_auc"] > 0.6, res["attacks"]
+    assert not canaries["scanned"]
+    assert canaries["epsilon_lower_bound"] > 1.0, canaries
