@@ -59,9 +59,7 @@ def _histogram(groups: dict[str, np.ndarray], bins: int = HISTOGRAM_BINS) -> dic
 
 def holder_epsilons(store: RunStore, run_id: str, clients: list[int], delta: float) -> dict[int, float]:
     """Each listed client's theoretical epsilon over its whole ledger (in-flight spend included)."""
-    ledgers = store.ledger(run_id)
-    for client, extra in store.interrupted_spend(run_id).items():
-        ledgers[client] = ledgers.get(client, []) + extra
+    ledgers = store.ledger_with_interrupted(run_id)
     return {c: privacy.epsilon(ledgers.get(c, []), delta) for c in clients}
 
 

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
-from server.federation import ServerJob, run_federation
+from server.federation import ServerJob, finite_or_none, run_federation
 from shared.errors import BadInput
 from shared.results import b64, encode_bundle, event_line
 from shared.store import RunStore
@@ -125,7 +125,7 @@ def run_deployment(grid, run_config: dict, emit: Callable[[str], None] | None = 
         raise
     store = RunStore(job.runs_dir)
     job.on_clients = lambda summaries: emit(event_line("clients", clients=summaries))
-    job.on_round = lambda report: emit(event_line("round", **{k: _finite(v) for k, v in asdict(report).items()}))
+    job.on_round = lambda report: emit(event_line("round", **{k: finite_or_none(v) for k, v in asdict(report).items()}))
     emit(event_line("start", run_id=job.run_id, server_run_dir=str(store.run_dir(job.run_id)), delta=job.delta, notes=job.notes))
     started = time.time()
     error = None
@@ -168,5 +168,3 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first}".rstrip(": ")
 
 
-def _finite(value):
-    return None if isinstance(value, float) and value != value else value

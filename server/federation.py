@@ -206,7 +206,8 @@ def restore_ledgers(grid: Grid, job: ServerJob, node_of: dict[int, int], ledgers
         raise FederationError("could not restore the privacy ledger on every client; refusing to resume")
 
 
-def _finite(value):
+def finite_or_none(value):
+    """NaN as None, for JSON."""
     return None if isinstance(value, float) and value != value else value
 
 
@@ -242,7 +243,7 @@ def run_federation(grid: Grid, job: ServerJob) -> dict:
     except BaseException as exc:
         log.append("run-end", {"status": "failed", "error": f"{type(exc).__name__}: {exc}"})
         raise
-    log.append("run-end", {"status": result["status"], "accuracy": _finite(result["accuracy"]), "rounds": result["rounds"]})
+    log.append("run-end", {"status": result["status"], "accuracy": finite_or_none(result["accuracy"]), "rounds": result["rounds"]})
     return result
 
 
@@ -289,9 +290,7 @@ def _run_rounds(grid: Grid, job: ServerJob, log: AuditLog, exchange_key) -> dict
     if job.resume_from:
         saved = _load_weights(run_dir / "checkpoints" / f"round-{job.resume_from:04d}.safetensors")
         weights = {k: saved[k] for k in weights}  # the model's own key order, not the file's
-        ledgers = store.ledger(job.run_id)
-        for pid, extra in store.interrupted_spend(job.run_id).items():
-            ledgers[pid] = ledgers.get(pid, []) + extra
+        ledgers = store.ledger_with_interrupted(job.run_id)
         restore_ledgers(grid, job, node_of, ledgers)
         latest = {pid: (privacy.epsilon(l, job.delta), privacy.epsilon(l, job.delta, "rdp")) for pid, l in ledgers.items()}
     arrays = ArrayRecord({k: Array(v) for k, v in weights.items()})

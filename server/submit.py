@@ -24,7 +24,6 @@ import shutil
 import socket
 import ssl
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -39,6 +38,7 @@ from shared.certs import check_ca_file
 from shared.config import RunConfig
 from shared.crypto import load_registry
 from shared.errors import BadInput
+from shared.processes import flower_script
 from shared.results import BundleError, LogReader, unb64
 from shared.store import RunStore, atomic_write_bytes, new_run_id
 
@@ -266,11 +266,7 @@ def prepare_deployment(config: RunConfig, conn: Connection, runs_dir, keys_dir=N
 
 
 def flwr_binary() -> str:
-    here = Path(sys.executable).parent / "flwr"
-    found = str(here) if here.exists() else shutil.which("flwr")
-    if not found:
-        raise BadInput("cannot find the `flwr` command (Flower's CLI); install flwr in this environment")
-    return found
+    return flower_script("flwr")
 
 
 def _env(flwr_home: Path) -> dict:

@@ -364,6 +364,13 @@ class RunStore:
             r["clients"] = by_round.get(r["round"], [])
         return rounds
 
+    def ledger_with_interrupted(self, run_id: str) -> dict[int, list[tuple[float, float, int]]]:
+        """Each client's ledger plus the spend of an interrupted round, which still counts."""
+        ledgers = self.ledger(run_id)
+        for client, extra in self.interrupted_spend(run_id).items():
+            ledgers[client] = ledgers.get(client, []) + extra
+        return ledgers
+
     def ledger(self, run_id: str, up_to_round: int | None = None) -> dict[int, list[tuple[float, float, int]]]:
         """Each client's (noise multiplier, sample rate, steps) history, in round order."""
         query = "SELECT client, noise_multiplier, sample_rate, steps FROM client_rounds WHERE run_id = ? AND steps IS NOT NULL AND steps > 0 AND noise_multiplier IS NOT NULL"
