@@ -579,7 +579,7 @@ def supernode(
 ) -> None:
     """Start a Flower SuperNode in the foreground; SIGTERM or Ctrl-C stops it and its children."""
     from server.submit import TLSMismatch, Unreachable, connection, probe
-    from shared.crypto import load_client_private_key, load_registry
+    from clients.encryption import client_keys
     from shared.data import data_files
     from shared.processes import flower_env, supernode_command
 
@@ -589,10 +589,7 @@ def supernode(
     config: dict = {"partition-id": partition_id, "num-partitions": num_partitions, "keys-dir": "", "keys-passphrase-env": keys_passphrase_env or ""}
     if keys is not None:
         keys = keys.resolve()
-        private = load_client_private_key(keys, partition_id, keys_passphrase_env)
-        registry = load_registry(keys)
-        if private.public_key().public_bytes_raw() != registry.client(partition_id).public_bytes_raw():
-            raise FedauditError(f"the key for client {partition_id} in {keys} does not match its registry.json")
+        client_keys(str(keys), partition_id, keys_passphrase_env or "")  # the same check the node's ClientApp makes
         config["keys-dir"] = str(keys)
     if data_dir is not None:
         data_dir = data_dir.resolve()

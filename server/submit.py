@@ -280,15 +280,17 @@ def _plain(line: str) -> str:
     return re.sub(r"\x1b\[[0-9;]*m", "", line).strip()
 
 
-def _follow(cmd: list[str], env: dict, cwd: Path, reader: LogReader, on_line: Callable[[str], None], timeout: float | None = None) -> tuple[int, list[str]]:
-    """Run a flwr command and feed its output line by line; return (exit code, its own lines)."""
+def _follow(cmd: list[str], env: dict, cwd: Path, reader: LogReader, on_line: Callable[[str, dict | None], None], timeout: float | None = None) -> tuple[int, list[str]]:
+    """Run a flwr command and feed its output line by line to ``reader`` and then to
+    ``on_line`` with the event the line carried (parsed once); return (exit code, its own lines)."""
     proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, errors="replace")
     own: list[str] = []
     deadline = None if timeout is None else time.monotonic() + timeout
     try:
         for line in proc.stdout:
-            on_line(line)
-            if reader.feed(line) is None and "@@fedaudit" not in line:
+            event = reader.feed(line)
+            on_line(line, event)
+            if event is None and "@@fedaudit" not in line:
                 own.append(line.rstrip())
             if deadline is not None and time.monotonic() > deadline:
                 break
@@ -319,12 +321,11 @@ def run_deployment_job(
     reader = LogReader()
     started = time.time()
 
-    def on_line(line: str) -> None:
+    def on_line(line: str, event: dict | None) -> None:
         match = _STARTED.search(line)
         if match and job.flower_run_id is None:
             job.flower_run_id = int(match.group(1))
             store.update_run(job.run_id, info={"flower_run_id": job.flower_run_id})
-        event = LogReader().feed(line) if "@@fedaudit " in line else None
         if event is not None:
             name = event.get("event")
             if name == "round" and on_round:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.errors import BadInput
+from shared.errors import BadInput, read_input
 from shared.store import atomic_write_bytes
 
 SECRET_FILE = "canaries.json"
@@ -90,13 +90,9 @@ def save_secret(path: str | os.PathLike[str], secret: CanarySecret) -> None:
 
 
 def load_secret(path: str | os.PathLike[str]) -> CanarySecret:
-    path = Path(path)
+    raw = read_input(path, "canary secret")
     try:
-        return CanarySecret.from_json(path.read_bytes())
-    except FileNotFoundError:
-        raise BadInput(f"canary secret not found: {path}") from None
-    except OSError as exc:
-        raise BadInput(f"cannot read canary secret {path}: {exc.strerror}") from None
+        return CanarySecret.from_json(raw)
     except (ValueError, KeyError, TypeError) as exc:
         raise BadInput(f"canary secret {path} is unreadable: {exc}") from None
 

@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from shared.crypto import write_atomic
-from shared.errors import BadInput
+from shared.errors import BadInput, read_input
 
 CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY = "ca.crt", "ca.key", "server.pem", "server.key"
 DEFAULT_HOSTS = ("127.0.0.1", "localhost")
@@ -145,12 +145,7 @@ def server_paths(directory: str | Path) -> CertPaths:
 def check_ca_file(path: str | Path) -> Path:
     """A readable PEM certificate (bundle); :class:`BadInput` otherwise."""
     path = Path(path).expanduser().resolve()
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise BadInput(f"root certificate file {path} not found") from None
-    except OSError as exc:
-        raise BadInput(f"cannot read root certificate file {path}: {exc.strerror}") from None
+    data = read_input(path, "root certificate file")
     try:
         x509.load_pem_x509_certificates(data)
     except ValueError:

@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from shared.errors import BadInput
+from shared.errors import BadInput, read_input
 
 SERVER_X25519 = "server.x25519.pem"
 SERVER_ED25519 = "server.ed25519.pem"
@@ -162,12 +162,7 @@ def init_keys(directory: str | os.PathLike[str], num_clients: int, passphrase_en
 
 
 def _load_private(path: Path, passphrase_env: str | None, expected: type) -> object:
-    try:
-        pem = path.read_bytes()
-    except FileNotFoundError:
-        raise BadInput(f"key file {path} not found") from None
-    except OSError as e:
-        raise BadInput(f"cannot read key file {path}: {e.strerror}") from None
+    pem = read_input(path, "key file")
     passphrase = _passphrase(passphrase_env)
     encrypted = b"-----BEGIN ENCRYPTED PRIVATE KEY-----" in pem
     var = f"${passphrase_env}"  # only used in messages where passphrase_env is set

@@ -385,17 +385,22 @@ def client_sizes(spec: DataSpec) -> list[int]:
 
 def client_data(spec: DataSpec, partition_id: int) -> ClientData:
     """A client's local training and validation records (only this client's are gathered)."""
-    from sklearn.model_selection import train_test_split
-
     prepared = prepare(spec)
     if not 0 <= partition_id < len(prepared.client_indices):
         raise BadInput(f"partition id {partition_id} out of range for {len(prepared.client_indices)} clients")
     idx = prepared.client_indices[partition_id]
     x, y = prepared.x_train[idx], prepared.y_train[idx]
-    n_val = _val_count(len(y), spec.val_fraction)
+    return _with_validation(x, y, spec.val_fraction, spec.seed + partition_id)
+
+
+def _with_validation(x: np.ndarray, y: np.ndarray, val_fraction: float, seed: int) -> ClientData:
+    """A client's records with a seeded validation split taken out (none if too few)."""
+    from sklearn.model_selection import train_test_split
+
+    n_val = _val_count(len(y), val_fraction)
     if not n_val:
         return ClientData(x, y, x[:0], y[:0])
-    x_tr, x_val, y_tr, y_val = train_test_split(x, y, test_size=n_val, random_state=spec.seed + partition_id)
+    x_tr, x_val, y_tr, y_val = train_test_split(x, y, test_size=n_val, random_state=seed)
     return ClientData(x_tr, y_tr, x_val, y_val)
 
 
@@ -411,8 +416,6 @@ def local_client_data(data_dir: str, label: str | None, val_fraction: float, see
     integer class ids ``0 .. num_classes-1``, the same on every node. Features are used
     as given: scale them the same way on every node and in the server's test data.
     """
-    from sklearn.model_selection import train_test_split
-
     files = data_files(data_dir)
     if len(files) != 1:
         raise BadInput(f"node data folder {data_dir} holds {len(files)} data files; give it exactly one")
@@ -422,8 +425,4 @@ def local_client_data(data_dir: str, label: str | None, val_fraction: float, see
     y = raw.astype(np.int64)
     if y.min() < 0 or y.max() >= num_classes:
         raise BadInput(f"labels in {files[0].name} must lie in 0..{num_classes - 1} (the run's classes), found {y.min()}..{y.max()}")
-    n_val = int(round(len(y) * val_fraction))
-    if n_val < 1 or len(y) - n_val < 1:
-        return ClientData(x, y, x[:0], y[:0])
-    x_tr, x_val, y_tr, y_val = train_test_split(x, y, test_size=n_val, random_state=seed)
-    return ClientData(x_tr, y_tr, x_val, y_val)
+    return _with_validation(x, y, val_fraction, seed)
