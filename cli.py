@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -63,8 +64,19 @@ def user_errors(fn):
     return wrapper
 
 
+def _json_safe(value: Any) -> Any:
+    # JSON has no Infinity or NaN: an unbounded estimate prints as null.
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 def _print_json(obj: Any) -> None:
-    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+    sys.stdout.write(json.dumps(_json_safe(obj), indent=2, default=str, allow_nan=False) + "\n")
     sys.stdout.flush()
 
 
@@ -692,11 +704,11 @@ def _print_audit(report: dict) -> None:
         ca = p["canary_audit"]
         out.print(f"canary audit: {ca['m']} canaries ({ca['included']} included), {ca['r']} guesses, {ca['v']} correct: epsilon lower bound "
                   f"{ca['epsilon_lower_bound']:.4f}" + (f" ({ca['confidence']:.0%} confidence)" if ca["valid"] else " (SCANNED: not a valid bound)")
-                  + f"; theoretical epsilon of the holders {_fmt(ca['theoretical_epsilon'])}", markup=False)
+                  + f"; theoretical epsilon {_fmt(ca['theoretical_epsilon'])} ({ca.get('theoretical_source') or 'non-private'})", markup=False)
     if p.get("client_canary_audit"):
         cc = p["client_canary_audit"]
         out.print(f"canary clients: {cc['canary_clients']} inserted vs {cc['unobserved']} unobserved directions: epsilon estimate "
-                  f"{_fmt(cc['epsilon_estimate'])} (Gaussian fit, not a bound); client-level theoretical epsilon {_fmt(cc['theoretical_epsilon'])}", markup=False)
+                  f"{_fmt(cc['epsilon_estimate'])} (Gaussian fits, not a bound; pooled variance {_fmt(cc['epsilon_estimate_pooled'])}); client-level theoretical epsilon {_fmt(cc['theoretical_epsilon'])}", markup=False)
     if p.get("empirical_epsilon_lower_bound") is not None:
         out.print(f"best valid empirical epsilon lower bound: {p['empirical_epsilon_lower_bound']:.4f} from {p.get('empirical_epsilon_source')}", markup=False)
     if report.get("flags"):

@@ -10,9 +10,10 @@ highest scores and "out" for the ``k-`` lowest. By default ``k+ = k- = 10%`` of 
 before the scores are seen, so the bound holds at 95% confidence; ``scan=True`` tries a
 grid and reports the best, which is then flagged as scanned (no longer a valid bound).
 
-The bound is compared with the theoretical epsilon of the clients that held included
-canaries: each canary is protected by its holder's DP-SGD, so the run is
-``(max eps_holder, delta)``-DP with respect to every canary.
+The bound is compared with the theoretical epsilon that covers every canary: each
+canary would have gone to a uniformly random client, so the relevant guarantee is the
+largest sample-level epsilon over *all* clients (an excluded canary's would-be holder is
+any of them). With only client-level DP, the client-level epsilon covers each record.
 
 Client level (Andrew et al. 2023)
 ---------------------------------
@@ -20,7 +21,8 @@ Client level (Andrew et al. 2023)
 unit direction ``u_j``. The audit measures the cosine between the final model's total
 change (final minus initial global model) and each inserted ``u_j``, and the cosines of
 directions drawn the same way but never sent (unobserved). Gaussians fitted to both give
-the epsilon estimate. It is an estimate, not a bound, and is reported next to the
+the epsilon estimate: each group its own mean and variance, as in the paper, and next to
+it the pooled-variance variant. It is an estimate, not a bound, and is reported next to the
 client-level theoretical epsilon.
 """
 
@@ -57,10 +59,24 @@ def _histogram(groups: dict[str, np.ndarray], bins: int = HISTOGRAM_BINS) -> dic
     return {"edges": edges.tolist(), **{name: np.histogram(v, bins=edges)[0].astype(int).tolist() for name, v in groups.items()}}
 
 
-def holder_epsilons(store: RunStore, run_id: str, clients: list[int], delta: float) -> dict[int, float]:
-    """Each listed client's theoretical epsilon over its whole ledger (in-flight spend included)."""
-    ledgers = store.ledger_with_interrupted(run_id)
-    return {c: privacy.epsilon(ledgers.get(c, []), delta) for c in clients}
+def record_level_epsilon(run: StoredRun, store: RunStore, delta: float | None) -> tuple[float | None, str | None]:
+    """The theoretical epsilon protecting any one training record, and where it comes from.
+
+    Sample-level DP: the largest epsilon over every client's whole ledger (in-flight spend
+    included). Client-level DP only: the client-level epsilon, since a record's change is
+    within one client's. None for a non-private run.
+    """
+    if not delta:
+        return None, None
+    if run.config.dp:
+        ledgers = store.ledger_with_interrupted(run.run_id)
+        return max((privacy.epsilon(ledger, delta) for ledger in ledgers.values()), default=0.0), "sample-level DP, largest over all clients"
+    client_level = _client_level_epsilon(store, run.run_id)
+    return client_level, ("client-level DP" if client_level is not None else None)
+
+
+def _client_level_epsilon(store: RunStore, run_id: str) -> float | None:
+    return max((r["client_epsilon"] for r in store.get_rounds(run_id) if r["client_epsilon"] is not None), default=None)
 
 
 def sample_canary_audit(
@@ -78,8 +94,8 @@ def sample_canary_audit(
     dict or None
         ``m``, ``r``, ``v``, ``epsilon_lower_bound``, ``k_plus``, ``k_minus``,
         ``scanned``, ``valid`` (a bound at ``confidence``: not scanned), ``delta``,
-        ``confidence``, ``theoretical_epsilon`` (largest over the clients holding
-        included canaries; None for a non-private run), ``holders``,
+        ``confidence``, ``theoretical_epsilon`` (see :func:`record_level_epsilon`; None
+        for a non-private run) and ``theoretical_source``, ``holders``,
         ``included``, ``score``, ``histogram``.
     """
     m = run.config.canaries
@@ -93,16 +109,14 @@ def sample_canary_audit(
     included = np.asarray(secret.included, dtype=bool)
     stated_delta = delta if delta else 1e-5
     result = one_run_audit(scores, included, stated_delta, k_plus=k_plus, k_minus=k_minus, scan=scan)
-    holders = secret.holders()
-    theoretical = None
-    if run.config.dp and delta:
-        theoretical = max(holder_epsilons(store, run.run_id, holders, delta).values(), default=0.0)
+    theoretical, source = record_level_epsilon(run, store, delta)
     result.update(
         valid=not result["scanned"],
         guesses="scanned over a grid of (k+, k-): the best is shown and is not a valid bound" if result["scanned"]
         else "fixed in advance: k+ = k- = 10% of the canaries unless given",
         theoretical_epsilon=theoretical,
-        holders=holders,
+        theoretical_source=source,
+        holders=secret.holders(),
         included=int(included.sum()),
         score="log(p / (1 - p)) of the canary's wrong label on the final model",
         canary="a held-out test record with a seeded wrong label, included with probability 1/2 in one random client's training data",
@@ -122,8 +136,9 @@ def client_canary_audit(run: StoredRun, store: RunStore, delta: float | None, un
     -------
     dict or None
         The fields of :func:`audit.empirical.gaussian_epsilon_from_cosines` plus
-        ``epsilon_estimate``, ``theoretical_epsilon`` (client level), ``canary_clients``,
-        ``unobserved``, ``histogram`` and ``method``.
+        ``epsilon_estimate`` (two Gaussians fitted separately, as in the paper),
+        ``epsilon_estimate_pooled`` (one pooled variance), ``theoretical_epsilon``
+        (client level), ``canary_clients``, ``unobserved``, ``histogram`` and ``method``.
     """
     m = run.config.canary_clients
     if not m:
@@ -142,11 +157,14 @@ def client_canary_audit(run: StoredRun, store: RunStore, delta: float | None, un
     cosines = np.array([flat_direction(secret.direction_seed, j, shapes) @ change / norm for j in range(m + unobserved)])
     observed, never_sent = cosines[:m], cosines[m:]
     stated_delta = delta if delta else 1e-5
-    result = gaussian_epsilon_from_cosines(observed, never_sent, stated_delta)
-    summary = store.get_rounds(run.run_id)
-    theoretical = max((r["client_epsilon"] for r in summary if r["client_epsilon"] is not None), default=None)
+    # The paper's estimate fits each group its own Gaussian; the pooled-variance one is
+    # shown beside it, as it is steadier when there are few canary clients.
+    result = gaussian_epsilon_from_cosines(observed, never_sent, stated_delta, method="exact")
+    pooled = gaussian_epsilon_from_cosines(observed, never_sent, stated_delta, method="pooled")["epsilon"]
+    theoretical = _client_level_epsilon(store, run.run_id)
     result.update(
         epsilon_estimate=result.pop("epsilon"),
+        epsilon_estimate_pooled=pooled,
         theoretical_epsilon=theoretical,
         canary_clients=m,
         unobserved=unobserved,

@@ -331,7 +331,7 @@ def _canary_html(p: dict) -> str:
             f'<p class="note">One-run audit (Steinke, Nasr and Jagielski 2023): {ca["m"]} canaries, {ca["included"]} included; '
             f'{ca["r"]} guesses (k+ = {ca["k_plus"]}, k− = {ca["k_minus"]}, {html.escape(ca["guesses"])}), {ca["v"]} correct; '
             f'ε lower bound {_fmt(ca["epsilon_lower_bound"])} at {ca["confidence"]:.0%} confidence, δ = {ca["delta"]:g}. '
-            f'Theoretical ε of the clients holding canaries: {_fmt(ca["theoretical_epsilon"]) if ca["theoretical_epsilon"] is not None else "∞ (non-private)"}.</p>'
+            f'Theoretical ε covering every canary ({html.escape(ca.get("theoretical_source") or "non-private")}): {_fmt(ca["theoretical_epsilon"]) if ca["theoretical_epsilon"] is not None else "∞ (non-private)"}.</p>'
         )
         if ca["theoretical_epsilon"] is not None and ca["valid"] and ca["epsilon_lower_bound"] > ca["theoretical_epsilon"]:
             parts.append('<p class="fail">The canary lower bound exceeds the theoretical ε: the DP implementation or the audit has a bug.</p>')
@@ -343,7 +343,8 @@ def _canary_html(p: dict) -> str:
         parts.append(
             f'<p class="note">Canary clients (Andrew et al. 2023): {cc["canary_clients"]} inserted, {cc["unobserved"]} unobserved directions; '
             f'mean cosine {cc["mean_observed"]:.4f} against {cc["mean_unobserved"]:.4f} (pooled std {cc["std_pooled"]:.4f}); '
-            f'ε estimate {_fmt(cc["epsilon_estimate"])} at δ = {cc["delta"]:g}, next to the client-level theoretical ε {_fmt(cc["theoretical_epsilon"])}.</p>'
+            f'ε estimate {_fmt(cc["epsilon_estimate"])} (separate Gaussian fits, as in the paper; pooled variance: {_fmt(cc["epsilon_estimate_pooled"])}) '
+            f'at δ = {cc["delta"]:g}, next to the client-level theoretical ε {_fmt(cc["theoretical_epsilon"])}.</p>'
         )
     else:
         parts.append('<p class="note">No canary clients in this run (client-level DP runs: <code>fedaudit run --client-dp --canary-clients M</code>).</p>')

@@ -177,7 +177,7 @@ def train(msg: Message, context: Context, canaries: CanarySecret | None = None) 
     delta = float(config["delta"])
     cap = float(config.get("max-epsilon", 0.0))
     if config["dp"] and cap > 0:
-        plan = planned_spend(len(data.y_train), int(config["batch-size"]), int(config["local-epochs"]), float(config["noise-multiplier"]))
+        plan = planned_spend(len(data.y_train) - held, int(config["batch-size"]), int(config["local-epochs"]), float(config["noise-multiplier"]))
         ledger = read_ledger(context)
         if privacy.epsilon(ledger + [plan], delta) > cap:
             # A normal reply, not a failure: this client's budget cannot cover a round.
@@ -211,11 +211,12 @@ def train(msg: Message, context: Context, canaries: CanarySecret | None = None) 
             proximal_mu=float(config.get("proximal-mu", 0.0)),
             # A distinct, reproducible stream per (run seed, round, client).
             seed=int(config["data.seed"]) * 1_000_003 + round_ * 10_007 + pid,
+            # The canaries it holds must not show in anything it sends: its size, its
+            # sample rate and steps (the ledger) and its loss all leave them out.
+            public_records=len(data.y_train) - held,
         )
 
-    # Canaries do not count in the reported size: it would tell the server how many a
-    # client holds. (Its sample rate still moves with them, by at most a step of 1/B.)
-    metrics = {NUM_EXAMPLES: result.num_examples - held, "train-loss": result.loss, PARTITION_ID: pid, "refused": 0}
+    metrics = {NUM_EXAMPLES: result.num_examples, "train-loss": result.loss, PARTITION_ID: pid, "refused": 0}
     if dp is not None:
         ledger = read_ledger(context) + [(dp.noise_multiplier, result.sample_rate, result.steps)]
         write_ledger(context, ledger)

@@ -56,28 +56,44 @@ def train_local(
     grad_sample_mode: str = "hooks",
     proximal_mu: float = 0.0,
     seed: int = 0,
+    public_records: int | None = None,
 ) -> TrainResult:
     """Train ``model`` in place for ``epochs`` passes over the local records.
 
     In private mode the data loader samples each record independently with
     probability ``q = 1 / ceil(n / batch_size)`` (Poisson sampling, which the
     accountant assumes), gradients are clipped per sample and noised by Opacus.
+
+    ``public_records`` (default: all of them) is how many leading records the rest of
+    the federation may know about; the records after them are secret audit canaries.
+    ``n`` in ``q`` and the step count, and the reported loss, use only the public ones,
+    so neither the ledger nor the loss moves with the canaries. Sampling every record
+    with that ``q`` is still exactly the mechanism the ledger accounts for: Poisson
+    sampling's guarantee depends on ``q``, not on how many records are sampled.
     """
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    dataset = TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
+    public = len(y) if public_records is None else int(public_records)
+    if not 0 < public <= len(y):
+        raise ValueError(f"public_records must be in 1..{len(y)}, got {public}")
+    counted = torch.arange(len(y)) < public
+    dataset = TensorDataset(torch.from_numpy(x), torch.from_numpy(y), counted)
     # drop_last: a ragged final batch of one or two records made whole-federation
     # accuracy swing by 10+ points between rounds. (Under DP the Poisson loader
     # replaces this one, so it changes nothing there.)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator, drop_last=dp is None)
     opt = _optimizer(optimizer, model.parameters(), learning_rate)
-    criterion = nn.CrossEntropyLoss()
+    criterion = nn.CrossEntropyLoss(reduction="none")
     anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
     sample_rate = 0.0
     train_model: nn.Module = model
 
     if dp is not None:
         from opacus import PrivacyEngine
+        from opacus.data_loader import DPDataLoader
+
+        # Our own Poisson loader, so that q comes from the public record count.
+        loader = DPDataLoader(dataset, sample_rate=1.0 / -(-public // batch_size), generator=generator)
 
         # The engine's own accountant is unused: the client's ledger in Context.state
         # is the single source of truth, and it spans every round.
@@ -90,7 +106,8 @@ def train_local(
                 data_loader=loader,
                 noise_multiplier=dp.noise_multiplier,
                 max_grad_norm=dp.max_grad_norm,
-                poisson_sampling=True,
+                # The loader above already samples each record with probability q.
+                poisson_sampling=False,
                 grad_sample_mode=grad_sample_mode,
                 noise_generator=generator,
             )
@@ -99,7 +116,7 @@ def train_local(
     train_model.train()
     steps, loss_sum, seen = 0, 0.0, 0
     for _ in range(epochs):
-        for xb, yb in loader:
+        for xb, yb, counted_b in loader:
             opt.zero_grad(set_to_none=True)
             if len(yb) == 0:
                 # An empty Poisson batch is still a step of the mechanism: the update
@@ -111,15 +128,16 @@ def train_local(
                 opt.step()
                 steps += 1
                 continue
-            loss = criterion(train_model(xb), yb)
+            per_record = criterion(train_model(xb), yb)
+            loss = per_record.mean()
             if anchor is not None:
                 loss = loss + proximal_mu / 2 * _proximal_term(model, anchor)
             loss.backward()
             opt.step()
             steps += 1
-            loss_sum += float(loss.detach()) * len(yb)
-            seen += len(yb)
+            loss_sum += float(per_record.detach()[counted_b].sum())
+            seen += int(counted_b.sum())
     if dp is not None and hasattr(train_model, "_close"):
         # Detach Opacus hooks so the caller's model is a plain module again.
         train_model._close()
-    return TrainResult(loss=loss_sum / max(seen, 1), num_examples=len(y), steps=steps, sample_rate=sample_rate)
+    return TrainResult(loss=loss_sum / max(seen, 1), num_examples=public, steps=steps, sample_rate=sample_rate)
