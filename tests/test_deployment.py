@@ -316,6 +316,65 @@ def test_local_node_data(tmp_path):
         local_client_data(str(tmp_path / "mine.csv"), "label", 0.2, 0, 2)
 
 
+def _environ(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(item.decode(errors="replace").split("=", 1) for item in raw if b"=" in item)
+
+
+def _cmdline(pid: int) -> list[str]:
+    return [a.decode(errors="replace") for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if a]
+
+
+@pytest.mark.deployment
+def test_superlink_and_supernode_wrappers_run_flower_without_installs_and_stop_it_all_on_sigterm(tmp_path):
+    """Real `fedaudit superlink` and `fedaudit supernode`: Flower's processes get the flag and
+    variable that disable runtime dependency installation, and SIGTERM to the wrapper's PID
+    alone (not its group) leaves none of their descendants alive."""
+    from shared.processes import alive, descendants
+
+    port = free_port()
+    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home"), "PYTHONPATH": str(ROOT)}
+    commands = {
+        "superlink": ["superlink", "--insecure", "--port", str(port), "--runs-dir", str(tmp_path / "runs")],
+        "supernode": ["supernode", "--insecure", "--superlink", f"127.0.0.1:{port}", "--partition-id", "0", "--num-partitions", "1",
+                      "--port", str(free_port())],
+    }
+    wrappers: dict[str, subprocess.Popen] = {}
+    seen: dict[str, list[int]] = {}
+    try:
+        for name, args in commands.items():
+            wrappers[name] = subprocess.Popen([sys.executable, "-m", "cli", *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                                              stderr=subprocess.DEVNULL, start_new_session=True)
+            flower = f"flower-{name}"
+            deadline = time.time() + 60
+            while time.time() < deadline:
+                seen[name] = descendants(wrappers[name].pid)
+                if any(flower in " ".join(_cmdline(p)) for p in seen[name] if alive(p)):
+                    break
+                time.sleep(0.5)
+            process = next(p for p in seen[name] if flower in " ".join(_cmdline(p)))
+            assert _environ(process).get("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION") == "1", name
+            if name == "superlink":
+                assert "--disable-runtime-dependency-installation" in _cmdline(process)
+        time.sleep(3)  # let the SuperNode connect and start what it starts
+        for name, wrapper in wrappers.items():
+            seen[name] = sorted(set(seen[name]) | set(descendants(wrapper.pid)))
+            os.kill(wrapper.pid, signal.SIGTERM)  # the wrapper alone: it must forward the signal
+            assert wrapper.wait(timeout=30) is not None
+            deadline = time.time() + 15
+            while time.time() < deadline and any(alive(p) for p in seen[name]):
+                time.sleep(0.2)
+            assert not [p for p in seen[name] if alive(p)], f"{name} left processes running"
+    finally:
+        for wrapper in wrappers.values():
+            if wrapper.poll() is None:
+                os.killpg(wrapper.pid, signal.SIGKILL)
+                wrapper.wait(timeout=10)
+        for pid in (p for pids in seen.values() for p in pids):
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
 def test_stop_tree_kills_orphaned_grandchildren():
     from shared.processes import alive, descendants, stop_tree
 
@@ -339,6 +398,14 @@ def test_stop_tree_kills_orphaned_grandchildren():
 
 
 # --------------------------------------------------------------------------- loopback federations
+def _start_time(pid: int) -> str:
+    """A process's start time from /proc ("" once it is gone): tells a PID's reuse apart."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
 class Federation:
     """A SuperLink and SuperNodes on 127.0.0.1 with TLS, each in its own process group."""
 
@@ -351,21 +418,27 @@ class Federation:
         self.keys = base / "keys"
         self.server_runs = base / "server-runs"
         self.port = free_port()
-        assert run_cli("certs", "init", str(self.certs), env=self.env).returncode == 0
-        assert run_cli("keys", "init", str(self.keys), "--clients", str(nodes), env=self.env).returncode == 0
-        self.start("superlink", "superlink", "--certs", str(self.certs), "--port", str(self.port), "--keys", str(self.keys),
-                   "--runs-dir", str(self.server_runs), "--log-file", str(base / "superlink.log"))
-        self._wait_for_port()
-        for i in range(nodes):
-            extra = ["--data-dir", str(data_dirs[i])] if data_dirs and i in data_dirs else []
-            self.start(f"node{i}", "supernode", "--superlink", f"127.0.0.1:{self.port}", "--root-certificates", str(self.certs / "ca.crt"),
-                       "--partition-id", str(i), "--num-partitions", str(nodes), "--port", str(free_port()), "--keys", str(self.keys),
-                       "--log-file", str(base / f"node{i}.log"), *extra)
+        self.pids: dict[int, str] = {}  # PID -> start time of every process seen under a wrapper
+        try:
+            assert run_cli("certs", "init", str(self.certs), env=self.env).returncode == 0
+            assert run_cli("keys", "init", str(self.keys), "--clients", str(nodes), env=self.env).returncode == 0
+            self.start("superlink", "superlink", "--certs", str(self.certs), "--port", str(self.port), "--keys", str(self.keys),
+                       "--runs-dir", str(self.server_runs), "--log-file", str(base / "superlink.log"))
+            self._wait_for_port()
+            for i in range(nodes):
+                extra = ["--data-dir", str(data_dirs[i])] if data_dirs and i in data_dirs else []
+                self.start(f"node{i}", "supernode", "--superlink", f"127.0.0.1:{self.port}", "--root-certificates", str(self.certs / "ca.crt"),
+                           "--partition-id", str(i), "--num-partitions", str(nodes), "--port", str(free_port()), "--keys", str(self.keys),
+                           "--log-file", str(base / f"node{i}.log"), *extra)
+        except BaseException:
+            self.stop()  # a half-started federation must not outlive the test
+            raise
 
     def start(self, name: str, *args: str) -> None:
-        out = open(self.base / f"{name}.out", "wb")
-        self.procs[name] = subprocess.Popen([sys.executable, "-m", "cli", *args], cwd=ROOT, env=self.env, stdout=out, stderr=subprocess.STDOUT,
-                                            start_new_session=True)
+        with open(self.base / f"{name}.out", "wb") as out:
+            self.procs[name] = subprocess.Popen([sys.executable, "-m", "cli", *args], cwd=ROOT, env=self.env, stdout=out,
+                                                stderr=subprocess.STDOUT, start_new_session=True)
+        self._remember([self.procs[name].pid])
 
     def _wait_for_port(self, timeout: float = 90) -> None:
         deadline = time.time() + timeout
@@ -381,11 +454,21 @@ class Federation:
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         """Signal a whole process group by its id (the PID of its leader)."""
-        proc = self.procs[name]
+        self._remember_descendants()
         try:
-            os.killpg(proc.pid, sig)
+            os.killpg(self.procs[name].pid, sig)
         except ProcessLookupError:
             pass
+
+    def _remember_descendants(self) -> None:
+        from shared.processes import descendants
+
+        for proc in self.procs.values():
+            self._remember(descendants(proc.pid))
+
+    def _remember(self, pids) -> None:
+        for pid in pids:
+            self.pids.setdefault(pid, _start_time(pid))
 
     def stop(self) -> None:
         for name in self.procs:
@@ -396,9 +479,16 @@ class Federation:
                 proc.wait(timeout=max(0.1, deadline - time.time()))
             except subprocess.TimeoutExpired:
                 pass
-        for name in self.procs:
-            self.kill(name, signal.SIGKILL)
-            self.procs[name].wait(timeout=10)
+        # Whatever is left, in its group or out of it, is killed by the PID it had (and
+        # only if that PID still names the same process, not a reused one).
+        for pid, started in self.pids.items():
+            if started and _start_time(pid) == started:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        for proc in self.procs.values():
+            proc.wait(timeout=10)
 
     def run(self, *args: str, runs_dir: Path, timeout: float = 900) -> subprocess.CompletedProcess:
         return run_cli("run", "--engine", "deployment", "--superlink", f"127.0.0.1:{self.port}", *args, "--runs-dir", str(runs_dir),
