@@ -13,7 +13,7 @@ import pytest
 
 from audit.canary import sample_canary_audit
 from audit.empirical import one_run_audit, one_run_epsilon_lower_bound
-from audit.mia import Recipe, audit_membership, logit_confidence, train_federated
+from audit.mia import Recipe, audit_membership, logit_confidence, membership_inference, train_federated
 from audit.report import _with_canaries, comparison_metrics, load_run
 from clients.app import training_data
 from server.federation import _config_record
@@ -175,8 +175,9 @@ def test_the_secret_stays_in_the_run_store_and_out_of_every_message(tmp_path):
 
 # --------------------------------------------------------------------------- sanity, 3 seeds
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_canary_bound_never_exceeds_the_theoretical_epsilon_under_dp(seed):
-    """Real Opacus DP-SGD on digits with 150 canaries; the bound must stay <= epsilon."""
+def test_empirical_bounds_never_exceed_the_theoretical_epsilon_under_dp(seed):
+    """Real Opacus DP-SGD on digits with 150 canaries, three seeds: neither the canary
+    bound nor the membership-inference bound may exceed the accountant's epsilon."""
     spec = DataSpec(dataset="digits", num_clients=1, seed=seed, canaries=150)
     pool = prepare(spec)
     secret = draw_secret(150, clients=1)
@@ -190,10 +191,15 @@ def test_canary_bound_never_exceeds_the_theoretical_epsilon_under_dp(seed):
     result = one_run_audit(logit_confidence(model, pool.canary_x, pool.canary_y), np.array(secret.included), 1e-5)
     assert held == sum(secret.included)
     assert result["epsilon_lower_bound"] <= theoretical, (result, theoretical)
+    public = len(data.y_train) - held
+    mia = membership_inference(model, data.x_train[:public], data.y_train[:public], pool.x_test, pool.y_test, delta=1e-5, seed=seed)
+    assert mia["members"] >= 200 and mia["empirical_epsilon_lower_bound"] <= theoretical, (mia["empirical_epsilon_lower_bound"], theoretical)
 
 
 # --------------------------------------------------------------------------- real runs
-PRIVATE_SEEDS = (5, 6, 7)
+# One seed end to end through the CLI; the three-seed sanity check is the in-process one
+# above (each simulation here costs ~15 s of a suite that must stay under 10 minutes).
+PRIVATE_SEEDS = (5,)
 
 
 @pytest.fixture(scope="module")
@@ -276,7 +282,7 @@ def test_private_run_with_canaries_and_canary_clients(canary_runs):
 @pytest.mark.simulation
 @pytest.mark.parametrize("seed", PRIVATE_SEEDS)
 def test_empirical_bounds_stay_below_the_theoretical_epsilon_on_dp_runs(canary_runs, seed):
-    """The sanity rule on real DP runs, three seeds: no valid lower bound above epsilon."""
+    """The sanity rule on a real federated DP run: no valid lower bound above epsilon."""
     runs, _, private_runs = canary_runs
     summary = private_runs[seed]
     assert summary["status"] == "completed", summary["error"]

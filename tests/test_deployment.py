@@ -326,16 +326,22 @@ def _cmdline(pid: int) -> list[str]:
 
 
 @pytest.mark.deployment
-def test_superlink_and_supernode_wrappers_run_flower_without_installs_and_stop_it_all_on_sigterm(tmp_path):
-    """Real `fedaudit superlink` and `fedaudit supernode`: Flower's processes get the flag and
-    variable that disable runtime dependency installation, and SIGTERM to the wrapper's PID
-    alone (not its group) leaves none of their descendants alive."""
+def test_plain_text_superlink_and_the_wrappers_sigterm(tmp_path):
+    """Real `fedaudit superlink --insecure` and `fedaudit supernode` (one SuperLink for all
+    of this: each start costs seconds).
+
+    - Flower's processes get the flag and variable that disable runtime dependency installation.
+    - TLS settings against the plain-text SuperLink are a named mismatch, and an encrypted run
+      on a SuperLink without --keys is recorded as failed with the reason.
+    - SIGTERM to a wrapper's PID alone (not its group) leaves none of its descendants alive.
+    """
     from shared.processes import alive, descendants
 
     port = free_port()
     env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home"), "PYTHONPATH": str(ROOT)}
+    env.pop("FEDAUDIT_RUNS_DIR", None)
     commands = {
-        "superlink": ["superlink", "--insecure", "--port", str(port), "--runs-dir", str(tmp_path / "runs")],
+        "superlink": ["superlink", "--insecure", "--port", str(port), "--runs-dir", str(tmp_path / "server-runs")],
         "supernode": ["supernode", "--insecure", "--superlink", f"127.0.0.1:{port}", "--partition-id", "0", "--num-partitions", "1",
                       "--port", str(free_port())],
     }
@@ -346,21 +352,35 @@ def test_superlink_and_supernode_wrappers_run_flower_without_installs_and_stop_i
             wrappers[name] = subprocess.Popen([sys.executable, "-m", "cli", *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                                               stderr=subprocess.DEVNULL, start_new_session=True)
             flower = f"flower-{name}"
-            deadline = time.time() + 60
+            deadline = time.time() + 90
             while time.time() < deadline:
                 seen[name] = descendants(wrappers[name].pid)
                 if any(flower in " ".join(_cmdline(p)) for p in seen[name] if alive(p)):
                     break
+                assert wrappers[name].poll() is None, f"fedaudit {name} exited"
                 time.sleep(0.5)
             process = next(p for p in seen[name] if flower in " ".join(_cmdline(p)))
             assert _environ(process).get("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION") == "1", name
             if name == "superlink":
                 assert "--disable-runtime-dependency-installation" in _cmdline(process)
-        time.sleep(3)  # let the SuperNode connect and start what it starts
-        for name, wrapper in wrappers.items():
+                _wait_for_port(port, wrappers[name])
+
+        ca = init_certs(tmp_path / "certs").ca_cert
+        runs = tmp_path / "runs"
+        base = ("run", "--engine", "deployment", "--superlink", f"127.0.0.1:{port}", "--clients", "2", "--rounds", "1", "--runs-dir", str(runs))
+        mismatch = run_cli(*base, "--root-certificates", str(ca), env=env, timeout=120)
+        assert mismatch.returncode == 2 and "does not speak TLS" in mismatch.stderr and not runs.exists()
+        failed = run_cli(*base, "--insecure", "--json", env=env, timeout=300)
+        assert failed.returncode == 1, failed.stderr
+        summary = json.loads(failed.stdout)
+        assert summary["status"] == "failed" and "no keys" in summary["error"]
+        listed = json.loads(run_cli("runs", "--json", runs_dir=runs).stdout)
+        assert [(r["run_id"], r["status"]) for r in listed] == [(summary["run_id"], "failed")]
+
+        for name, wrapper in reversed(list(wrappers.items())):
             seen[name] = sorted(set(seen[name]) | set(descendants(wrapper.pid)))
             os.kill(wrapper.pid, signal.SIGTERM)  # the wrapper alone: it must forward the signal
-            assert wrapper.wait(timeout=30) is not None
+            wrapper.wait(timeout=30)
             deadline = time.time() + 15
             while time.time() < deadline and any(alive(p) for p in seen[name]):
                 time.sleep(0.2)
@@ -373,6 +393,17 @@ def test_superlink_and_supernode_wrappers_run_flower_without_installs_and_stop_i
         for pid in (p for pids in seen.values() for p in pids):
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def _wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 90) -> None:
+    deadline = time.time() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            assert time.time() < deadline and proc.poll() is None, "the SuperLink did not start listening"
+            time.sleep(0.5)
 
 
 def test_stop_tree_kills_orphaned_grandchildren():
@@ -424,7 +455,7 @@ class Federation:
             assert run_cli("keys", "init", str(self.keys), "--clients", str(nodes), env=self.env).returncode == 0
             self.start("superlink", "superlink", "--certs", str(self.certs), "--port", str(self.port), "--keys", str(self.keys),
                        "--runs-dir", str(self.server_runs), "--log-file", str(base / "superlink.log"))
-            self._wait_for_port()
+            _wait_for_port(self.port, self.procs["superlink"])
             for i in range(nodes):
                 extra = ["--data-dir", str(data_dirs[i])] if data_dirs and i in data_dirs else []
                 self.start(f"node{i}", "supernode", "--superlink", f"127.0.0.1:{self.port}", "--root-certificates", str(self.certs / "ca.crt"),
@@ -439,18 +470,6 @@ class Federation:
             self.procs[name] = subprocess.Popen([sys.executable, "-m", "cli", *args], cwd=ROOT, env=self.env, stdout=out,
                                                 stderr=subprocess.STDOUT, start_new_session=True)
         self._remember([self.procs[name].pid])
-
-    def _wait_for_port(self, timeout: float = 90) -> None:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.procs["superlink"].poll() is not None:
-                raise RuntimeError(f"fedaudit superlink exited: {(self.base / 'superlink.out').read_text()[-2000:]}")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return
-            except OSError:
-                time.sleep(0.5)
-        raise RuntimeError("the SuperLink did not start listening")
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         """Signal a whole process group by its id (the PID of its leader)."""
@@ -498,32 +517,32 @@ class Federation:
 @pytest.fixture(scope="module")
 def loopback(tmp_path_factory):
     base = tmp_path_factory.mktemp("loopback")
-    # Node 1 reads its own file (--data-dir): its partition of digits, as a CSV.
+    # Node 0 reads its own file (--data-dir): its partition of digits, as a CSV.
     from shared.data import client_data
 
-    spec = resolve(None, dataset="digits", clients=3, seed=7).data_spec
-    part = client_data(spec, 1)
+    spec = resolve(None, dataset="digits", clients=2, seed=7).data_spec
+    part = client_data(spec, 0)
     x, y = np.concatenate([part.x_train, part.x_val]), np.concatenate([part.y_train, part.y_val])
     frame = pd.DataFrame(x, columns=[f"p{i}" for i in range(x.shape[1])])
     frame["label"] = y
-    frame = frame.iloc[:450]  # not the partition's 479 rows, to tell the two apart
-    (base / "node1-data").mkdir()
-    frame.to_csv(base / "node1-data" / "digits-part.csv", index=False)
-    # Node 2 is killed after round 1 (see loopback_run).
-    federation = Federation(base, nodes=3, data_dirs={1: base / "node1-data"})
+    frame = frame.iloc[:450]  # not the partition's ~720 rows, to tell the two apart
+    (base / "node0-data").mkdir()
+    frame.to_csv(base / "node0-data" / "digits-part.csv", index=False)
+    # Node 1 is killed after round 1 (see loopback_run).
+    federation = Federation(base, nodes=2, data_dirs={0: base / "node0-data"})
     yield federation
     federation.stop()
 
 
 @pytest.fixture(scope="module")
 def loopback_run(loopback):
-    """An encrypted, private 2-round job on 3 TLS SuperNodes; node 2 is SIGKILLed (its
-    whole process group) once round 1 is in the server's store. With --min-replies 2 the
-    run goes on with the other two (one federation for both checks: each costs minutes)."""
+    """An encrypted, private 2-round job on 2 TLS SuperNodes; node 1 is SIGKILLed (its
+    whole process group) once round 1 is in the server's store. With --min-replies 1 the
+    run goes on with node 0 (one federation for both checks: each costs minutes)."""
     runs = loopback.base / "local-runs"
     args = ["run", "--engine", "deployment", "--superlink", f"127.0.0.1:{loopback.port}", "--root-certificates", str(loopback.certs / "ca.crt"),
-            "--dataset", "digits", "--clients", "3", "--rounds", "2", "--seed", "7", "--model", "logreg", "--dp", "--encrypt",
-            "--min-replies", "2", "--reply-timeout", "150", "--runs-dir", str(runs), "--json"]
+            "--dataset", "digits", "--clients", "2", "--rounds", "2", "--seed", "7", "--model", "logreg", "--dp", "--encrypt",
+            "--min-replies", "1", "--reply-timeout", "150", "--runs-dir", str(runs), "--json"]
     started = time.time()
     out_path = loopback.base / "run.out"
     with open(out_path, "w") as out:
@@ -535,7 +554,7 @@ def loopback_run(loopback):
             while time.time() < deadline and run.poll() is None and not (db.exists() and _rounds_done(db) >= 1):
                 time.sleep(1)
             assert run.poll() is None, "the run ended before round 1 was recorded: " + run.stderr.read()[-3000:] + _logs(loopback)
-            loopback.kill("node2")
+            loopback.kill("node1")
             killed_at = time.time()
             _, stderr = run.communicate(timeout=900)
         finally:
@@ -553,14 +572,14 @@ def _logs(federation: Federation) -> str:
 @pytest.mark.deployment
 def test_loopback_tls_run_lands_in_the_local_store(loopback_run, loopback):
     summary, runs, seconds = loopback_run
-    print(f"loopback deployment run (3 nodes, one killed, 2 rounds, TLS, DP, encrypted): {seconds:.1f} s")
+    print(f"loopback deployment run (2 nodes, one killed, 2 rounds, TLS, DP, encrypted): {seconds:.1f} s")
     assert summary["status"] == "completed" and summary["engine"] == "deployment"
     assert summary["rounds"] == 2 and summary["encrypted"] is True
     assert summary["epsilon"] > 0 and summary["delta"] > 0
     assert summary["accuracy"] > 0.5
-    # Node 1 read its own file (450 rows: 405 to train, 45 to validate), not its partition.
+    # Node 0 read its own file (450 rows: 405 to train, 45 to validate), not its partition.
     sizes = {c["client"]: (c["num_train"], c["num_val"]) for c in summary["clients"]}
-    assert sizes[1] == (405, 45) and sizes[0][0] > 400
+    assert sizes[0] == (405, 45) and sizes[1][0] > 400
     run_dir = Path(summary["run_dir"])
     assert run_dir.parent == runs.resolve()
     for name in ("model.safetensors", "model.json", "audit.jsonl", "audit.jsonl.sig", "config.toml", "keys/registry.json"):
@@ -571,7 +590,7 @@ def test_loopback_tls_run_lands_in_the_local_store(loopback_run, loopback):
     shown = json.loads(run_cli("show", summary["run_id"], "--json", runs_dir=runs).stdout)
     assert shown["status"] == "completed" and [r["round"] for r in shown["rounds"]] == [1, 2]
     ledger = [c for r in shown["rounds"] for c in r["clients"] if c["steps"]]
-    assert {c["client"] for c in ledger} == {0, 1, 2} and all(c["epsilon"] > 0 for c in ledger)
+    assert {c["client"] for c in ledger} == {0, 1} and all(c["epsilon"] > 0 for c in ledger)
 
 
 @pytest.mark.deployment
@@ -580,7 +599,7 @@ def test_run_survives_a_supernode_killed_mid_run(loopback_run):
     assert summary["status"] == "completed" and summary["rounds"] == 2
     shown = json.loads(run_cli("show", summary["run_id"], "--json", runs_dir=runs).stdout)
     trained = [{c["client"] for c in r["clients"] if c["num_examples"]} for r in shown["rounds"]]
-    assert trained == [{0, 1, 2}, {0, 1}]  # node 2 was killed after round 1
+    assert trained == [{0, 1}, {0}]  # node 1 was killed after round 1
     listed = json.loads(run_cli("runs", "--json", runs_dir=runs).stdout)
     assert [r["run_id"] for r in listed] == [summary["run_id"]]
 
@@ -627,48 +646,3 @@ def _rounds_done(db: Path) -> int:
             return conn.execute("SELECT COUNT(*) FROM rounds WHERE model_sha256 IS NOT NULL").fetchone()[0]
     except sqlite3.Error:
         return 0
-
-
-@pytest.mark.deployment
-def test_plain_text_superlink_without_keys(tmp_path):
-    """Against a real --insecure SuperLink: TLS settings are a named mismatch, and an
-    encrypted run on a SuperLink without --keys is recorded as failed with the reason."""
-    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home"), "PYTHONPATH": str(ROOT)}
-    env.pop("FEDAUDIT_RUNS_DIR", None)
-    port = free_port()
-    out = open(tmp_path / "superlink.out", "wb")
-    link = subprocess.Popen([sys.executable, "-m", "cli", "superlink", "--insecure", "--port", str(port), "--runs-dir", str(tmp_path / "server-runs")],
-                            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert time.time() < deadline and link.poll() is None, (tmp_path / "superlink.out").read_text()
-                time.sleep(0.5)
-        ca = init_certs(tmp_path / "certs").ca_cert
-        runs = tmp_path / "runs"
-        base = ("run", "--engine", "deployment", "--superlink", f"127.0.0.1:{port}", "--clients", "2", "--rounds", "1", "--runs-dir", str(runs))
-        mismatch = run_cli(*base, "--root-certificates", str(ca), env=env, timeout=120)
-        assert mismatch.returncode == 2 and "does not speak TLS" in mismatch.stderr and not runs.exists()
-
-        failed = run_cli(*base, "--insecure", "--json", env=env, timeout=300)
-        assert failed.returncode == 1, failed.stderr
-        summary = json.loads(failed.stdout)
-        assert summary["status"] == "failed" and "no keys" in summary["error"]
-        listed = json.loads(run_cli("runs", "--json", runs_dir=runs).stdout)
-        assert [(r["run_id"], r["status"]) for r in listed] == [(summary["run_id"], "failed")]
-    finally:
-        try:
-            os.killpg(link.pid, signal.SIGTERM)
-            link.wait(timeout=20)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            pass
-        try:
-            os.killpg(link.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        link.wait(timeout=10)
-        out.close()
