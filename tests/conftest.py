@@ -43,6 +43,28 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _uses_loopback(item) -> bool:
+    return bool(set(getattr(item, "fixturenames", ())) & getattr(item.module, "LOOPBACK_FIXTURES", set()))
+
+
+def pytest_collection_modifyitems(config, items):
+    # The loopback deployment run starts with the session and runs alongside the other
+    # tests (see tests/test_deployment.py:LoopbackJob); the tests that read it go last.
+    items.sort(key=_uses_loopback)
+
+
+def pytest_collection_finish(session):
+    users = [item for item in session.items if _uses_loopback(item)]
+    if users and not session.config.option.collectonly:
+        factory = session.config._tmp_path_factory
+        users[0].module.start_loopback(factory.mktemp("loopback"))
+
+
+def pytest_sessionfinish(session):
+    for module in {item.module for item in session.items if _uses_loopback(item)}:
+        module.stop_loopback()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def shared_ray_cluster():
     """One Ray cluster for every simulation of the session.

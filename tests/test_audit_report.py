@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import math
 import re
 
 import numpy as np
@@ -173,8 +174,12 @@ def test_audit_json_follows_the_documented_keys(audited, private_run, nonprivate
         assert key in u, key
     for key in ("noise", "fgsm", "pgd", "clean_accuracy", "strongest_pgd", "parameters"):
         assert key in r, key
-    for key in ("epsilon", "delta", "client_epsilon", "accountant"):
+    for key in ("epsilon", "delta", "client_epsilon", "accountant", "mia_auc", "mia_tpr_at_1pct_fpr", "mia_tpr_at_0_1pct_fpr",
+                "empirical_epsilon_lower_bound", "canary_audit"):
         assert key in p, key
+    assert p["canary_audit"] is None  # trained without --canaries
+    assert 0 <= p["mia_tpr_at_0_1pct_fpr"] <= p["mia_tpr_at_1pct_fpr"] <= 1 and 0 <= p["mia_auc"] <= 1
+    assert 0 <= p["empirical_epsilon_lower_bound"] <= p["epsilon"] and p["empirical_epsilon_confidence"] == 0.95
     # the stored final model gives what the server measured, and privacy is the run's
     assert u["accuracy"] == pytest.approx(private_run["accuracy"])
     assert u["f1_macro"] == pytest.approx(private_run["f1_macro"])
@@ -287,6 +292,10 @@ def test_compare_two_runs(private_run, nonprivate_run, e2e_dir, tmp_path):
     for name in ("utility.f1_macro", "utility.roc_auc", "robustness.pgd@0.1", "robustness.fgsm@0.1", "robustness.noise@0.1",
                  "privacy.client_epsilon", "wall_time"):
         assert name in report["metric_names"]
+    # The empirical privacy numbers sit side by side for the private and the non-private run.
+    for name in ("privacy.mia_auc", "privacy.mia_tpr_at_1pct_fpr", "privacy.mia_tpr_at_0_1pct_fpr", "privacy.empirical_epsilon_lower_bound"):
+        assert name in report["metric_names"] and all(0 <= run["metrics"][name] < math.inf for run in (a, b)), name
+    assert a["metrics"]["privacy.mia_auc"] <= 1 and b["metrics"]["privacy.empirical_epsilon_lower_bound"] <= private_run["epsilon"]
     diff = report["differences"][0]
     assert diff["run_id"] == private_run["run_id"] and diff["against"] == nonprivate_run["run_id"]
     for name in report["metric_names"]:

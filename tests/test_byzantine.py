@@ -10,7 +10,7 @@ from server.outliers import score_updates
 from shared.store import RunStore
 from tests.conftest import run_json
 
-SHAPE = ("run", "--clients", "10", "--rounds", "15", "--no-dp", "--seed", "0")
+SHAPE = ("run", "--clients", "10", "--rounds", "10", "--no-dp", "--seed", "0")
 ATTACKED = (*SHAPE, "--malicious", "3", "--attack", "sign-flip")
 
 
@@ -46,7 +46,7 @@ def test_outlier_detection_flags_the_attackers(byzantine_runs, byzantine_dir):
         truth = set(store.get_run(run_id).info["malicious_clients"])
         assert len(truth) == 3
         flags = store.get_flags(run_id)
-        assert {f["round"] for f in flags} == set(range(1, 16))
+        assert {f["round"] for f in flags} == set(range(1, 11))
         flagged = {f["client"] for f in flags if f["flagged"]}
         assert len(flagged & truth) >= 2, (name, flagged, truth)
     clean_flags = store.get_flags(byzantine_runs["clean"]["run_id"])

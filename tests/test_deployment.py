@@ -514,55 +514,130 @@ class Federation:
                        env=self.env, timeout=timeout)
 
 
-@pytest.fixture(scope="module")
-def loopback(tmp_path_factory):
-    base = tmp_path_factory.mktemp("loopback")
-    # Node 0 reads its own file (--data-dir): its partition of digits, as a CSV.
+class LoopbackJob:
+    """The loopback federation and its deployment run, started in the background.
+
+    The run is mostly waiting (a fresh process per message, and a minute for the
+    SuperLink to notice the killed node), so tests/conftest.py starts it when the session
+    starts and moves the tests that read it to the end: it overlaps the rest of the suite.
+
+    Federation: a SuperLink and 2 TLS SuperNodes on 127.0.0.1; node 0 reads its own file
+    (--data-dir). Run: an encrypted, private 2-round job; node 1 is SIGKILLed (its whole
+    process group) once round 1 is in the server's store, and with --min-replies 1 the
+    run goes on with node 0 (one federation for all the checks: each costs minutes).
+    """
+
+    def __init__(self, base: Path):
+        self.base = base
+        self.federation: Federation | None = None
+        self._ready = threading.Event()
+        self._outcome: tuple | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._work, name="loopback-deployment", daemon=True)
+
+    def start(self) -> LoopbackJob:
+        self._thread.start()
+        return self
+
+    def _work(self) -> None:
+        try:
+            self.federation = Federation(self.base, nodes=2, data_dirs={0: _node0_data(self.base)})
+            self._ready.set()
+            self._outcome = self._run(self.federation)
+        except BaseException as exc:  # handed to the test that reads the outcome
+            self._error = exc
+        finally:
+            self._ready.set()
+
+    def _run(self, federation: Federation) -> tuple:
+        runs = self.base / "local-runs"
+        args = ["run", "--engine", "deployment", "--superlink", f"127.0.0.1:{federation.port}", "--root-certificates",
+                str(federation.certs / "ca.crt"), "--dataset", "digits", "--clients", "2", "--rounds", "2", "--seed", "7",
+                "--model", "logreg", "--dp", "--encrypt", "--min-replies", "1", "--reply-timeout", "150", "--runs-dir", str(runs), "--json"]
+        started = time.time()
+        out_path = self.base / "run.out"
+        with open(out_path, "w") as out:
+            run = subprocess.Popen([sys.executable, "-m", "cli", *args], cwd=ROOT, env=federation.env, stdout=out, stderr=subprocess.PIPE,
+                                   text=True, start_new_session=True)
+            try:
+                db = federation.server_runs / "runs.db"
+                deadline = time.time() + 600
+                while time.time() < deadline and run.poll() is None and not (db.exists() and _rounds_done(db) >= 1):
+                    time.sleep(1)
+                assert run.poll() is None, "the run ended before round 1 was recorded: " + run.stderr.read()[-3000:] + _logs(federation)
+                assert time.time() < deadline, "round 1 was not recorded within 10 minutes" + _logs(federation)
+                federation.kill("node1")
+                _, stderr = run.communicate(timeout=900)
+            finally:
+                if run.poll() is None:
+                    os.killpg(run.pid, signal.SIGKILL)
+        assert run.returncode == 0, stderr[-3000:] + _logs(federation)
+        return json.loads(out_path.read_text()), runs, time.time() - started
+
+    def running_federation(self) -> Federation:
+        self._ready.wait(timeout=900)
+        if self.federation is None:
+            raise RuntimeError(f"the loopback federation did not start: {self._error!r}")
+        return self.federation
+
+    def outcome(self) -> tuple:
+        self._thread.join(timeout=1800)
+        if self._error is not None:
+            raise self._error
+        assert self._outcome is not None, "the loopback run did not finish within 30 minutes"
+        return self._outcome
+
+    def stop(self) -> None:
+        if self.federation is not None:
+            self.federation.stop()
+
+
+def _node0_data(base: Path) -> Path:
+    """Node 0's own file: 450 rows of its digits partition as a CSV (not the partition's
+    ~720 rows, to tell the two apart)."""
     from shared.data import client_data
 
-    spec = resolve(None, dataset="digits", clients=2, seed=7).data_spec
-    part = client_data(spec, 0)
+    part = client_data(resolve(None, dataset="digits", clients=2, seed=7).data_spec, 0)
     x, y = np.concatenate([part.x_train, part.x_val]), np.concatenate([part.y_train, part.y_val])
     frame = pd.DataFrame(x, columns=[f"p{i}" for i in range(x.shape[1])])
     frame["label"] = y
-    frame = frame.iloc[:450]  # not the partition's ~720 rows, to tell the two apart
     (base / "node0-data").mkdir()
-    frame.to_csv(base / "node0-data" / "digits-part.csv", index=False)
-    # Node 1 is killed after round 1 (see loopback_run).
-    federation = Federation(base, nodes=2, data_dirs={0: base / "node0-data"})
-    yield federation
-    federation.stop()
+    frame.iloc[:450].to_csv(base / "node0-data" / "digits-part.csv", index=False)
+    return base / "node0-data"
 
 
-@pytest.fixture(scope="module")
-def loopback_run(loopback):
-    """An encrypted, private 2-round job on 2 TLS SuperNodes; node 1 is SIGKILLed (its
-    whole process group) once round 1 is in the server's store. With --min-replies 1 the
-    run goes on with node 0 (one federation for both checks: each costs minutes)."""
-    runs = loopback.base / "local-runs"
-    args = ["run", "--engine", "deployment", "--superlink", f"127.0.0.1:{loopback.port}", "--root-certificates", str(loopback.certs / "ca.crt"),
-            "--dataset", "digits", "--clients", "2", "--rounds", "2", "--seed", "7", "--model", "logreg", "--dp", "--encrypt",
-            "--min-replies", "1", "--reply-timeout", "150", "--runs-dir", str(runs), "--json"]
-    started = time.time()
-    out_path = loopback.base / "run.out"
-    with open(out_path, "w") as out:
-        run = subprocess.Popen([sys.executable, "-m", "cli", *args], cwd=ROOT, env=loopback.env, stdout=out, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
-        try:
-            db = loopback.server_runs / "runs.db"
-            deadline = time.time() + 600
-            while time.time() < deadline and run.poll() is None and not (db.exists() and _rounds_done(db) >= 1):
-                time.sleep(1)
-            assert run.poll() is None, "the run ended before round 1 was recorded: " + run.stderr.read()[-3000:] + _logs(loopback)
-            loopback.kill("node1")
-            killed_at = time.time()
-            _, stderr = run.communicate(timeout=900)
-        finally:
-            if run.poll() is None:
-                os.killpg(run.pid, signal.SIGKILL)
-    print(f"loopback run: {time.time() - started:.1f} s in all, {time.time() - killed_at:.1f} s after the kill")
-    assert run.returncode == 0, stderr[-3000:] + _logs(loopback)
-    return json.loads(out_path.read_text()), runs, time.time() - started
+LOOPBACK_FIXTURES = {"loopback", "loopback_run"}
+_loopback_job: LoopbackJob | None = None
+
+
+def start_loopback(base: Path) -> LoopbackJob:
+    """Start the session's loopback job (once); conftest.py calls it at collection time."""
+    global _loopback_job
+    if _loopback_job is None:
+        _loopback_job = LoopbackJob(base).start()
+    return _loopback_job
+
+
+def stop_loopback() -> None:
+    if _loopback_job is not None:
+        _loopback_job.stop()
+
+
+@pytest.fixture(scope="session")
+def loopback_job(tmp_path_factory):
+    job = start_loopback(tmp_path_factory.mktemp("loopback"))
+    yield job
+    job.stop()
+
+
+@pytest.fixture(scope="session")
+def loopback(loopback_job) -> Federation:
+    return loopback_job.running_federation()
+
+
+@pytest.fixture(scope="session")
+def loopback_run(loopback_job) -> tuple:
+    return loopback_job.outcome()
 
 
 def _logs(federation: Federation) -> str:
