@@ -708,7 +708,7 @@ def _print_audit(report: dict) -> None:
     if p.get("client_canary_audit"):
         cc = p["client_canary_audit"]
         out.print(f"canary clients: {cc['canary_clients']} inserted vs {cc['unobserved']} unobserved directions: epsilon estimate "
-                  f"{_fmt(cc['epsilon_estimate'])} (Gaussian fits, not a bound; pooled variance {_fmt(cc['epsilon_estimate_pooled'])}); client-level theoretical epsilon {_fmt(cc['theoretical_epsilon'])}", markup=False)
+                  f"{_fmt(cc['epsilon_estimate'])} (Gaussian fit, not a bound; with two variances as in the paper {_fmt(cc['epsilon_estimate_two_variance'])}); client-level theoretical epsilon {_fmt(cc['theoretical_epsilon'])}", markup=False)
     if p.get("empirical_epsilon_lower_bound") is not None:
         out.print(f"best valid empirical epsilon lower bound: {p['empirical_epsilon_lower_bound']:.4f} from {p.get('empirical_epsilon_source')}", markup=False)
     if report.get("flags"):

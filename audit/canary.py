@@ -21,8 +21,12 @@ Client level (Andrew et al. 2023)
 unit direction ``u_j``. The audit measures the cosine between the final model's total
 change (final minus initial global model) and each inserted ``u_j``, and the cosines of
 directions drawn the same way but never sent (unobserved). Gaussians fitted to both give
-the epsilon estimate: each group its own mean and variance, as in the paper, and next to
-it the pooled-variance variant. It is an estimate, not a bound, and is reported next to the
+the epsilon estimate. The headline fits one pooled variance (the mean shift in units of
+the spread); the paper's fit of each group's own variance is shown beside it. With few
+canary clients and Poisson participation (a canary's number of rounds varies, widening
+its cosines a little) the separate fit turns that variance gap into tail divergence at
+small delta: measured 25.5 and 33.8 (two runs) against an accountant's 15.1 with 10
+canary clients, where the pooled fit gave 11.4. It is an estimate, not a bound, and is reported next to the
 client-level theoretical epsilon.
 """
 
@@ -136,8 +140,8 @@ def client_canary_audit(run: StoredRun, store: RunStore, delta: float | None, un
     -------
     dict or None
         The fields of :func:`audit.empirical.gaussian_epsilon_from_cosines` plus
-        ``epsilon_estimate`` (two Gaussians fitted separately, as in the paper),
-        ``epsilon_estimate_pooled`` (one pooled variance), ``theoretical_epsilon``
+        ``epsilon_estimate`` (one pooled variance), ``epsilon_estimate_two_variance``
+        (each group its own variance, as in the paper's fit), ``theoretical_epsilon``
         (client level), ``canary_clients``, ``unobserved``, ``histogram`` and ``method``.
     """
     m = run.config.canary_clients
@@ -157,14 +161,13 @@ def client_canary_audit(run: StoredRun, store: RunStore, delta: float | None, un
     cosines = np.array([flat_direction(secret.direction_seed, j, shapes) @ change / norm for j in range(m + unobserved)])
     observed, never_sent = cosines[:m], cosines[m:]
     stated_delta = delta if delta else 1e-5
-    # The paper's estimate fits each group its own Gaussian; the pooled-variance one is
-    # shown beside it, as it is steadier when there are few canary clients.
-    result = gaussian_epsilon_from_cosines(observed, never_sent, stated_delta, method="exact")
-    pooled = gaussian_epsilon_from_cosines(observed, never_sent, stated_delta, method="pooled")["epsilon"]
+    # See the module docstring for why the pooled fit is the headline.
+    result = gaussian_epsilon_from_cosines(observed, never_sent, stated_delta, method="pooled")
+    two_variance = gaussian_epsilon_from_cosines(observed, never_sent, stated_delta, method="exact")["epsilon"]
     theoretical = _client_level_epsilon(store, run.run_id)
     result.update(
         epsilon_estimate=result.pop("epsilon"),
-        epsilon_estimate_pooled=pooled,
+        epsilon_estimate_two_variance=two_variance,
         theoretical_epsilon=theoretical,
         canary_clients=m,
         unobserved=unobserved,

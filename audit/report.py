@@ -504,7 +504,7 @@ PRIVACY_KEYS = ("epsilon", "epsilon_rdp", "client_epsilon", "delta", "noise_mult
 PRIVACY_SKIP = {"max_epsilon", "budget_left", "max_grad_norm", "mia"}
 # From the canary audits only these numbers are compared (not bins or internals).
 CANARY_COMPARED = {"canary_audit": ("epsilon_lower_bound", "theoretical_epsilon", "m", "r", "v"),
-                   "client_canary_audit": ("epsilon_estimate", "epsilon_estimate_pooled", "theoretical_epsilon", "canary_clients")}
+                   "client_canary_audit": ("epsilon_estimate", "epsilon_estimate_two_variance", "theoretical_epsilon", "canary_clients")}
 
 
 def comparison_metrics(report: dict) -> dict[str, Any]:

@@ -52,7 +52,7 @@ def pair(runs: str, label: str, base: dict, extra: dict, audit) -> dict:
         "round_seconds_without": _round_seconds(store, plain_id),
         "round_seconds_with": _round_seconds(store, canary_id),
         "canary_audit_seconds": audit_seconds,
-        "result": {k: result[k] for k in ("epsilon_lower_bound", "epsilon_estimate", "theoretical_epsilon", "m", "r", "v") if k in result},
+        "result": {k: result[k] for k in ("epsilon_lower_bound", "epsilon_estimate", "epsilon_estimate_two_variance", "theoretical_epsilon", "m", "r", "v") if k in result},
     }
     row["accuracy_cost"] = row["accuracy_without"] - row["accuracy_with"]
     row["time_ratio"] = row["round_seconds_with"] / row["round_seconds_without"]

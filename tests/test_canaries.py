@@ -271,7 +271,7 @@ def test_private_run_with_canaries_and_canary_clients(canary_runs):
     # q = 1, z = 0.3, 3 rounds: the inserted canaries stand far out of the unobserved ones
     # (expected cosine ~0.17 against a spread of ~1/sqrt(650) = 0.04 per canary).
     assert cc["mean_observed"] > cc["mean_unobserved"] + 3 * cc["std_pooled"] / math.sqrt(6)
-    assert 1.0 < cc["epsilon_estimate"] < math.inf and 1.0 < cc["epsilon_estimate_pooled"] < math.inf
+    assert 1.0 < cc["epsilon_estimate"] < math.inf and 1.0 < cc["epsilon_estimate_two_variance"] < math.inf
 
     # The audit reads the same secret the clients used: rescoring it by hand agrees.
     run = load_run(store, private["run_id"])
