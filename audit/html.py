@@ -343,7 +343,7 @@ def _canary_html(p: dict) -> str:
         parts.append(
             f'<p class="note">Canary clients (Andrew et al. 2023): {cc["canary_clients"]} inserted, {cc["unobserved"]} unobserved directions; '
             f'mean cosine {cc["mean_observed"]:.4f} against {cc["mean_unobserved"]:.4f} (pooled std {cc["std_pooled"]:.4f}); '
-            f'ε estimate {_fmt(cc["epsilon_estimate"])} (pooled variance; each group its own variance, as in the paper's fit: {_fmt(cc["epsilon_estimate_two_variance"])}) '
+            f'ε estimate {_fmt(cc["epsilon_estimate"])} (pooled variance; each group its own variance, as the paper fits it: {_fmt(cc["epsilon_estimate_two_variance"])}) '
             f'at δ = {cc["delta"]:g}, next to the client-level theoretical ε {_fmt(cc["theoretical_epsilon"])}.</p>'
         )
     else:

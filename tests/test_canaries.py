@@ -253,16 +253,19 @@ def test_overfit_non_private_run_leaks_its_canaries(canary_runs, tmp_path):
 
 
 @pytest.mark.simulation
-def test_private_run_with_canaries_and_canary_clients(canary_runs):
+def test_private_run_with_canaries_and_canary_clients(canary_runs, tmp_path):
     runs, _, private_runs = canary_runs
     private = private_runs[PRIVATE_SEEDS[0]]
     assert private["status"] == "completed", private["error"]
     store = RunStore(runs)
     # Canary clients hold no data: they are not clients of the stored run.
     assert [c["client"] for c in store.get_clients(private["run_id"])] == [0, 1, 2]
-    report = run_json("audit", private["run_id"], "--reference-models", "0", runs_dir=runs)
+    html = tmp_path / "report.html"
+    report = run_json("audit", private["run_id"], "--reference-models", "0", "--html", str(html), runs_dir=runs)
     p = report["privacy"]
     ca, cc = p["canary_audit"], p["client_canary_audit"]
+    page = html.read_text()
+    assert "Canary clients (Andrew et al. 2023)" in page and "as the paper fits it" in page and "sample-level DP, largest over all clients" in page
     assert ca["m"] == 20 and ca["valid"]
     # Any client could have held an excluded canary: the largest client epsilon covers them all.
     assert ca["theoretical_epsilon"] == pytest.approx(private["epsilon"]) and ca["theoretical_source"].startswith("sample-level")
