@@ -26,8 +26,8 @@ the spread); the paper's fit of each group's own variance is shown beside it. Wi
 canary clients and Poisson participation (a canary's number of rounds varies, widening
 its cosines a little) the separate fit turns that variance gap into tail divergence at
 small delta: measured 25.5 and 33.8 (two runs) against an accountant's 15.1 with 10
-canary clients, where the pooled fit gave 11.4. It is an estimate, not a bound, and is reported next to the
-client-level theoretical epsilon.
+canary clients, where the pooled fit gave 11.4. It is an estimate, not a bound, and is
+reported next to the client-level theoretical epsilon.
 """
 
 from __future__ import annotations
