@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -64,19 +63,11 @@ def user_errors(fn):
     return wrapper
 
 
-def _json_safe(value: Any) -> Any:
-    # JSON has no Infinity or NaN: an unbounded estimate prints as null.
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
 def _print_json(obj: Any) -> None:
-    sys.stdout.write(json.dumps(_json_safe(obj), indent=2, default=str, allow_nan=False) + "\n")
+    from shared.results import json_safe
+
+    # JSON has no Infinity or NaN: an unbounded estimate prints as null.
+    sys.stdout.write(json.dumps(json_safe(obj), indent=2, default=str, allow_nan=False) + "\n")
     sys.stdout.flush()
 
 

@@ -78,17 +78,17 @@ def train_local(
         raise ValueError(f"public_records must be in 1..{len(y)}, got {public}")
     counted = torch.arange(len(y)) < public
     dataset = TensorDataset(torch.from_numpy(x), torch.from_numpy(y), counted)
-    # drop_last: a ragged final batch of one or two records made whole-federation
-    # accuracy swing by 10+ points between rounds. (Under DP the Poisson loader
-    # replaces this one, so it changes nothing there.)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator, drop_last=dp is None)
     opt = _optimizer(optimizer, model.parameters(), learning_rate)
     criterion = nn.CrossEntropyLoss(reduction="none")
     anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
     sample_rate = 0.0
     train_model: nn.Module = model
 
-    if dp is not None:
+    if dp is None:
+        # drop_last: a ragged final batch of one or two records made whole-federation
+        # accuracy swing by 10+ points between rounds.
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator, drop_last=True)
+    else:
         from opacus import PrivacyEngine
         from opacus.data_loader import DPDataLoader
 

@@ -16,9 +16,9 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
-from server.federation import ServerJob, finite_or_none, run_federation
+from server.federation import ServerJob, run_federation
 from shared.errors import BadInput
-from shared.results import b64, encode_bundle, event_line
+from shared.results import b64, encode_bundle, event_line, finite_or_none
 from shared.store import RunStore
 
 ENGINE_KEY = "fedaudit-engine"

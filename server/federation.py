@@ -33,6 +33,7 @@ from shared.data import prepare
 from shared.evaluation import evaluate, predict_proba
 from shared.models import initial_model
 from shared.protocol import CONFIG_KEY, KEYS_DIR, KEYS_PASSPHRASE_ENV, METRICS_KEY, NUM_EXAMPLES, PARTITION_ID, spec_to_record
+from shared.results import finite_or_none
 from shared.store import RunStore, atomic_write_bytes
 from shared.weights import digest, load_numpy, state_to_numpy
 
@@ -204,11 +205,6 @@ def restore_ledgers(grid: Grid, job: ServerJob, node_of: dict[int, int], ledgers
     failed = [r for r in replies if r.has_error()]
     if failed or len(replies) != len(messages):
         raise FederationError("could not restore the privacy ledger on every client; refusing to resume")
-
-
-def finite_or_none(value):
-    """NaN as None, for JSON."""
-    return None if isinstance(value, float) and value != value else value
 
 
 def run_federation(grid: Grid, job: ServerJob) -> dict:

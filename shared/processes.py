@@ -16,24 +16,35 @@ import time
 from pathlib import Path
 
 
+def _stat_fields(pid: int | str) -> list[str]:
+    """Fields 3.. of /proc/PID/stat (state, ppid, ...); [] once the process is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return []
+    # The command name may hold spaces and parentheses: fields start after the last ")".
+    return stat[stat.rfind(")") + 2 :].split()
+
+
 def children_of(pid: int) -> list[int]:
     """Direct children of ``pid`` (Linux /proc); [] where /proc is missing."""
-    found = []
     proc = Path("/proc")
     if not proc.is_dir():
-        return found
+        return []
+    found = []
     for entry in proc.iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # The command name may hold spaces and parentheses: fields start after the last ")".
-        fields = stat[stat.rfind(")") + 2 :].split()
-        if len(fields) > 1 and int(fields[1]) == pid:
-            found.append(int(entry.name))
+        if entry.name.isdigit():
+            fields = _stat_fields(entry.name)
+            if len(fields) > 1 and int(fields[1]) == pid:
+                found.append(int(entry.name))
     return found
+
+
+def start_time(pid: int) -> str:
+    """When ``pid`` started, in clock ticks since boot ("" once it is gone): tells a
+    reused PID from the process that had it."""
+    fields = _stat_fields(pid)
+    return fields[19] if len(fields) > 19 else ""
 
 
 def descendants(pid: int) -> list[int]:
@@ -54,10 +65,8 @@ def alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    try:  # a zombie is dead for our purposes
-        return (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]) != "Z"
-    except (OSError, IndexError):
-        return True
+    fields = _stat_fields(pid)
+    return not fields or fields[0] != "Z"  # a zombie is dead for our purposes
 
 
 def _signal(pid: int, sig: int) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import math
 import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -31,6 +32,20 @@ from dataclasses import dataclass, field
 PREFIX = "@@fedaudit "
 CHUNK_PREFIX = "@@fedaudit-chunk "
 CHUNK_CHARS = 48_000
+
+
+def finite_or_none(value):
+    """A non-finite float (NaN, +-inf) as None: JSON has neither."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def json_safe(value):
+    """``value`` with every non-finite float inside it (dicts, lists, tuples) as None."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return finite_or_none(value)
 
 
 def event_line(event: str, **payload) -> str:

@@ -56,8 +56,7 @@ def pytest_collection_modifyitems(config, items):
 def pytest_collection_finish(session):
     users = [item for item in session.items if _uses_loopback(item)]
     if users and not session.config.option.collectonly:
-        factory = session.config._tmp_path_factory
-        users[0].module.start_loopback(factory.mktemp("loopback"))
+        users[0].module.start_loopback(session.config._tmp_path_factory)
 
 
 def pytest_sessionfinish(session):

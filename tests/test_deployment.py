@@ -345,25 +345,20 @@ def test_plain_text_superlink_and_the_wrappers_sigterm(tmp_path):
         "supernode": ["supernode", "--insecure", "--superlink", f"127.0.0.1:{port}", "--partition-id", "0", "--num-partitions", "1",
                       "--port", str(free_port())],
     }
-    wrappers: dict[str, subprocess.Popen] = {}
-    seen: dict[str, list[int]] = {}
+    processes = CliProcesses(tmp_path, env)
     try:
         for name, args in commands.items():
-            wrappers[name] = subprocess.Popen([sys.executable, "-m", "cli", *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                                              stderr=subprocess.DEVNULL, start_new_session=True)
+            wrapper = processes.start(name, *args)
             flower = f"flower-{name}"
             deadline = time.time() + 90
-            while time.time() < deadline:
-                seen[name] = descendants(wrappers[name].pid)
-                if any(flower in " ".join(_cmdline(p)) for p in seen[name] if alive(p)):
-                    break
-                assert wrappers[name].poll() is None, f"fedaudit {name} exited"
+            while not any(flower in " ".join(_cmdline(p)) for p in descendants(wrapper.pid) if alive(p)):
+                assert time.time() < deadline and wrapper.poll() is None, f"fedaudit {name} did not start {flower}"
                 time.sleep(0.5)
-            process = next(p for p in seen[name] if flower in " ".join(_cmdline(p)))
+            process = next(p for p in descendants(wrapper.pid) if flower in " ".join(_cmdline(p)))
             assert _environ(process).get("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION") == "1", name
             if name == "superlink":
                 assert "--disable-runtime-dependency-installation" in _cmdline(process)
-                _wait_for_port(port, wrappers[name])
+                _wait_for_port(port, wrapper)
 
         ca = init_certs(tmp_path / "certs").ca_cert
         runs = tmp_path / "runs"
@@ -377,22 +372,17 @@ def test_plain_text_superlink_and_the_wrappers_sigterm(tmp_path):
         listed = json.loads(run_cli("runs", "--json", runs_dir=runs).stdout)
         assert [(r["run_id"], r["status"]) for r in listed] == [(summary["run_id"], "failed")]
 
-        for name, wrapper in reversed(list(wrappers.items())):
-            seen[name] = sorted(set(seen[name]) | set(descendants(wrapper.pid)))
+        for name in reversed(list(commands)):
+            wrapper = processes.procs[name]
+            below = descendants(wrapper.pid)
             os.kill(wrapper.pid, signal.SIGTERM)  # the wrapper alone: it must forward the signal
             wrapper.wait(timeout=30)
             deadline = time.time() + 15
-            while time.time() < deadline and any(alive(p) for p in seen[name]):
+            while time.time() < deadline and any(alive(p) for p in below):
                 time.sleep(0.2)
-            assert not [p for p in seen[name] if alive(p)], f"{name} left processes running"
+            assert below and not [p for p in below if alive(p)], f"{name} left processes running"
     finally:
-        for wrapper in wrappers.values():
-            if wrapper.poll() is None:
-                os.killpg(wrapper.pid, signal.SIGKILL)
-                wrapper.wait(timeout=10)
-        for pid in (p for pids in seen.values() for p in pids):
-            if alive(pid):
-                os.kill(pid, signal.SIGKILL)
+        processes.stop()
 
 
 def _wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 90) -> None:
@@ -429,47 +419,23 @@ def test_stop_tree_kills_orphaned_grandchildren():
 
 
 # --------------------------------------------------------------------------- loopback federations
-def _start_time(pid: int) -> str:
-    """A process's start time from /proc ("" once it is gone): tells a PID's reuse apart."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return ""
+class CliProcesses:
+    """`fedaudit` CLI processes, each in its own process group with its output in
+    ``base/NAME.out``; everything seen below them is remembered by PID and start time,
+    so :meth:`stop` can kill leftovers by PID (and never a reused PID)."""
 
-
-class Federation:
-    """A SuperLink and SuperNodes on 127.0.0.1 with TLS, each in its own process group."""
-
-    def __init__(self, base: Path, nodes: int, data_dirs: dict[int, Path] | None = None):
-        self.base = base
-        self.env = {**os.environ, "FLWR_HOME": str(base / "flwr-home"), "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
-        self.env.pop("FEDAUDIT_RUNS_DIR", None)
+    def __init__(self, base: Path, env: dict):
+        self.base, self.env = base, env
         self.procs: dict[str, subprocess.Popen] = {}
-        self.certs = base / "certs"
-        self.keys = base / "keys"
-        self.server_runs = base / "server-runs"
-        self.port = free_port()
-        self.pids: dict[int, str] = {}  # PID -> start time of every process seen under a wrapper
-        try:
-            assert run_cli("certs", "init", str(self.certs), env=self.env).returncode == 0
-            assert run_cli("keys", "init", str(self.keys), "--clients", str(nodes), env=self.env).returncode == 0
-            self.start("superlink", "superlink", "--certs", str(self.certs), "--port", str(self.port), "--keys", str(self.keys),
-                       "--runs-dir", str(self.server_runs), "--log-file", str(base / "superlink.log"))
-            _wait_for_port(self.port, self.procs["superlink"])
-            for i in range(nodes):
-                extra = ["--data-dir", str(data_dirs[i])] if data_dirs and i in data_dirs else []
-                self.start(f"node{i}", "supernode", "--superlink", f"127.0.0.1:{self.port}", "--root-certificates", str(self.certs / "ca.crt"),
-                           "--partition-id", str(i), "--num-partitions", str(nodes), "--port", str(free_port()), "--keys", str(self.keys),
-                           "--log-file", str(base / f"node{i}.log"), *extra)
-        except BaseException:
-            self.stop()  # a half-started federation must not outlive the test
-            raise
+        self.pids: dict[int, str] = {}
 
-    def start(self, name: str, *args: str) -> None:
+    def start(self, name: str, *args: str) -> subprocess.Popen:
         with open(self.base / f"{name}.out", "wb") as out:
-            self.procs[name] = subprocess.Popen([sys.executable, "-m", "cli", *args], cwd=ROOT, env=self.env, stdout=out,
-                                                stderr=subprocess.STDOUT, start_new_session=True)
-        self._remember([self.procs[name].pid])
+            proc = subprocess.Popen([sys.executable, "-m", "cli", *args], cwd=ROOT, env=self.env, stdout=out,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs[name] = proc
+        self._remember([proc.pid])
+        return proc
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         """Signal a whole process group by its id (the PID of its leader)."""
@@ -486,10 +452,14 @@ class Federation:
             self._remember(descendants(proc.pid))
 
     def _remember(self, pids) -> None:
+        from shared.processes import start_time
+
         for pid in pids:
-            self.pids.setdefault(pid, _start_time(pid))
+            self.pids.setdefault(pid, start_time(pid))
 
     def stop(self) -> None:
+        from shared.processes import start_time
+
         for name in self.procs:
             self.kill(name, signal.SIGTERM)
         deadline = time.time() + 20
@@ -501,13 +471,47 @@ class Federation:
         # Whatever is left, in its group or out of it, is killed by the PID it had (and
         # only if that PID still names the same process, not a reused one).
         for pid, started in self.pids.items():
-            if started and _start_time(pid) == started:
+            if started and start_time(pid) == started:
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
         for proc in self.procs.values():
             proc.wait(timeout=10)
+
+
+class Federation:
+    """A SuperLink and SuperNodes on 127.0.0.1 with TLS, each in its own process group."""
+
+    def __init__(self, base: Path, nodes: int, data_dirs: dict[int, Path] | None = None):
+        self.base = base
+        self.env = {**os.environ, "FLWR_HOME": str(base / "flwr-home"), "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+        self.env.pop("FEDAUDIT_RUNS_DIR", None)
+        self.processes = CliProcesses(base, self.env)
+        self.certs = base / "certs"
+        self.keys = base / "keys"
+        self.server_runs = base / "server-runs"
+        self.port = free_port()
+        try:
+            assert run_cli("certs", "init", str(self.certs), env=self.env).returncode == 0
+            assert run_cli("keys", "init", str(self.keys), "--clients", str(nodes), env=self.env).returncode == 0
+            link = self.processes.start("superlink", "superlink", "--certs", str(self.certs), "--port", str(self.port), "--keys",
+                                        str(self.keys), "--runs-dir", str(self.server_runs), "--log-file", str(base / "superlink.log"))
+            _wait_for_port(self.port, link)
+            for i in range(nodes):
+                extra = ["--data-dir", str(data_dirs[i])] if data_dirs and i in data_dirs else []
+                self.processes.start(f"node{i}", "supernode", "--superlink", f"127.0.0.1:{self.port}", "--root-certificates",
+                                     str(self.certs / "ca.crt"), "--partition-id", str(i), "--num-partitions", str(nodes),
+                                     "--port", str(free_port()), "--keys", str(self.keys), "--log-file", str(base / f"node{i}.log"), *extra)
+        except BaseException:
+            self.stop()  # a half-started federation must not outlive the test
+            raise
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        self.processes.kill(name, sig)
+
+    def stop(self) -> None:
+        self.processes.stop()
 
     def run(self, *args: str, runs_dir: Path, timeout: float = 900) -> subprocess.CompletedProcess:
         return run_cli("run", "--engine", "deployment", "--superlink", f"127.0.0.1:{self.port}", *args, "--runs-dir", str(runs_dir),
@@ -610,11 +614,12 @@ LOOPBACK_FIXTURES = {"loopback", "loopback_run"}
 _loopback_job: LoopbackJob | None = None
 
 
-def start_loopback(base: Path) -> LoopbackJob:
-    """Start the session's loopback job (once); conftest.py calls it at collection time."""
+def start_loopback(tmp_path_factory) -> LoopbackJob:
+    """The session's loopback job, started once: by conftest.py at collection time, or
+    here by the first test that needs it. conftest.py stops it when the session ends."""
     global _loopback_job
     if _loopback_job is None:
-        _loopback_job = LoopbackJob(base).start()
+        _loopback_job = LoopbackJob(tmp_path_factory.mktemp("loopback")).start()
     return _loopback_job
 
 
@@ -624,10 +629,8 @@ def stop_loopback() -> None:
 
 
 @pytest.fixture(scope="session")
-def loopback_job(tmp_path_factory):
-    job = start_loopback(tmp_path_factory.mktemp("loopback"))
-    yield job
-    job.stop()
+def loopback_job(tmp_path_factory) -> LoopbackJob:
+    return start_loopback(tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
