@@ -36,6 +36,34 @@ def test_run_path_ledger_composes_to_the_oracles(q, sigma, steps, rdp, prv):
     assert privacy.epsilon(ledger, 1e-5, "prv") == pytest.approx(prv, abs=0.01)
 
 
+# Homogeneous and mixed ledgers, small and large step counts: a digits client, the
+# oracle shapes, and mechanisms that changed sigma or q between rounds.
+ACCOUNTANT_LEDGERS = [
+    [(1.2, 1 / 9, 9)],
+    [(1.2, 1 / 9, 90)],
+    [(1.1, 256 / 60000, 14062)],
+    [(0.8, 0.2, 5), (1.3, 0.05, 40)],
+    [(1.154, 0.1352, 236), (2.342, 0.3189, 225)],
+    [(2.763, 0.0232, 14), (0.9, 0.5, 3), (1.7, 0.01, 500)],
+]
+
+
+@pytest.mark.parametrize("ledger", ACCOUNTANT_LEDGERS)
+def test_cached_accounting_equals_a_fresh_opacus_accountant(ledger):
+    """The cached per-step RDP curves change nothing: same floats as Opacus, first query or not."""
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
+    entries = sorted(privacy.compact(ledger))
+    for name, accountant in (("rdp", RDPAccountant()), ("prv", PRVAccountant())):
+        accountant.history = list(entries)
+        expected = float(accountant.get_epsilon(delta=1e-5))
+        privacy._epsilon_cached.cache_clear()
+        assert privacy.epsilon(ledger, 1e-5, name) == expected  # curves possibly cached by the other accountant
+        privacy._epsilon_cached.cache_clear()
+        privacy._rdp_per_step.cache_clear()
+        assert privacy.epsilon(ledger, 1e-5, name) == expected  # nothing cached
+
+
 @pytest.mark.parametrize("q,sigma,steps,rdp,prv", ORACLES)
 def test_budget_command_meets_the_oracles(q, sigma, steps, rdp, prv):
     result = CliRunner().invoke(
