@@ -26,6 +26,7 @@ from shared.canaries import CanarySecret, canary_direction, load_secret  # noqa:
 from shared.evaluation import evaluate  # noqa: E402
 from shared.data import ClientData, DataMeta, client_data, label_histogram, local_client_data, prepare  # noqa: E402
 from shared.models import build_model  # noqa: E402
+from shared.planner import batches_per_epoch  # noqa: E402
 from shared.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NODE_DATA_DIR, NUM_EXAMPLES, PARTITION_ID, spec_from_record  # noqa: E402
 from shared.weights import load_numpy, state_to_numpy  # noqa: E402
 
@@ -134,7 +135,7 @@ def restore_ledger(msg: Message, context: Context) -> Message:
 
 def planned_spend(num_records: int, batch_size: int, epochs: int, noise_multiplier: float) -> tuple[float, float, int]:
     """The (sigma, q, steps) a round will spend: Opacus's Poisson loader uses q = 1/ceil(n/B)."""
-    batches = -(-num_records // batch_size)
+    batches = batches_per_epoch(num_records, batch_size)
     return (noise_multiplier, 1.0 / batches, epochs * batches)
 
 

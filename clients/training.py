@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from shared.planner import batches_per_epoch
+
 OPTIMIZERS = ("sgd", "adam")
 
 # Fastest correct Opacus per-sample-gradient mode per built-in model, measured by
@@ -93,7 +95,7 @@ def train_local(
         from opacus.data_loader import DPDataLoader
 
         # Our own Poisson loader, so that q comes from the public record count.
-        loader = DPDataLoader(dataset, sample_rate=1.0 / -(-public // batch_size), generator=generator)
+        loader = DPDataLoader(dataset, sample_rate=1.0 / batches_per_epoch(public, batch_size), generator=generator)
 
         # The engine's own accountant is unused: the client's ledger in Context.state
         # is the single source of truth, and it spans every round.

@@ -22,6 +22,11 @@ class Mechanism:
     steps: int
 
 
+def batches_per_epoch(num_records: int, batch_size: int) -> int:
+    """ceil(n / B): the local steps per epoch; Opacus's Poisson loader samples at q = 1 / this."""
+    return -(-num_records // batch_size)
+
+
 def sample_level_mechanisms(client_sizes: list[int], batch_size: int, local_epochs: int, rounds: int) -> list[Mechanism]:
     if batch_size < 1 or local_epochs < 1 or rounds < 1:
         raise BadInput("batch size, local epochs and rounds must all be >= 1")
@@ -29,7 +34,7 @@ def sample_level_mechanisms(client_sizes: list[int], batch_size: int, local_epoc
     for n in client_sizes:
         if n < 1:
             raise BadInput("every client needs at least one record")
-        batches = -(-n // batch_size)
+        batches = batches_per_epoch(n, batch_size)
         shapes.add(Mechanism(1.0 / batches, rounds * local_epochs * batches))
     return sorted(shapes, key=lambda m: (m.sample_rate, m.steps))
 
