@@ -3,7 +3,9 @@ library functions in server/, audit/ and shared/ that the tests call directly.""
 
 from __future__ import annotations
 
+import atexit
 import functools
+import gc
 import json
 import sys
 from pathlib import Path
@@ -17,6 +19,11 @@ from rich.table import Table
 from shared.errors import FedauditError
 
 EXIT_OK, EXIT_GATE_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+# Registered first, so it runs last, after Ray's and logging's exit handlers. Python's
+# exit-time garbage collections walk the ~250,000 objects torch, scipy and sklearn
+# leave, which frees nothing the OS would not and costs about 0.6 s per command.
+atexit.register(gc.freeze)
 
 # Piped output gets a fixed, roomy width instead of rich's 80-column fallback.
 out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 140)
