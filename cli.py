@@ -127,6 +127,10 @@ def run(
     max_grad_norm: Optional[float] = typer.Option(None, help="DP-SGD per-sample clipping norm."),
     delta: Optional[float] = typer.Option(None, help="Target delta (default: below 1/records of the smallest client, and 1/clients under client-level DP)."),
     target_epsilon: Optional[float] = typer.Option(None, help="Calibrate the DP-SGD noise multiplier so every client's epsilon ends <= this."),
+    reproducible_noise: Optional[bool] = typer.Option(
+        None, "--reproducible-noise/--fresh-noise",
+        help="Derive DP sampling and noise from --seed, so a rerun repeats them (research only: whoever knows the config can remove the noise). Default: fresh OS entropy.",
+    ),
     client_dp: Optional[bool] = typer.Option(None, "--client-dp/--no-client-dp", help="Client-level DP (DP-FedAvg) at the server."),
     client_noise_multiplier: Optional[float] = typer.Option(None, help="Client-level noise multiplier z."),
     client_clip: Optional[float] = typer.Option(None, help="Client-level clipping norm C for whole updates."),

@@ -168,6 +168,19 @@ def canary_update(msg: Message, pid: int, spec, canaries: CanarySecret | None, c
     return _reply(msg, metrics, ArrayRecord({k: Array(np.asarray(v)) for k, v in sent.items()}))
 
 
+def training_seed(config, round_: int, pid: int) -> int | None:
+    """The seed of one client's local training in one round, or None for fresh entropy.
+
+    Under DP it seeds the Poisson batches and the Gaussian noise. Derived from the run
+    seed, which the server and everyone holding the config know, they could replay the
+    noise and subtract it; so a private round draws fresh OS entropy unless the run
+    asked for reproducible noise. Non-private training has no secret to keep.
+    """
+    if config["dp"] and not config.get("reproducible-noise", False):
+        return None
+    return int(config["data.seed"]) * 1_000_003 + round_ * 10_007 + pid
+
+
 def train(msg: Message, context: Context, canaries: CanarySecret | None = None) -> Message:
     config = msg.content[CONFIG_KEY]
     spec = spec_from_record(config)
@@ -210,8 +223,7 @@ def train(msg: Message, context: Context, canaries: CanarySecret | None = None) 
             dp=dp,
             grad_sample_mode=GRAD_SAMPLE_MODE.get(model_name, "hooks"),
             proximal_mu=float(config.get("proximal-mu", 0.0)),
-            # A distinct, reproducible stream per (run seed, round, client).
-            seed=int(config["data.seed"]) * 1_000_003 + round_ * 10_007 + pid,
+            seed=training_seed(config, round_, pid),
             # The canaries it holds must not show in anything it sends: its size, its
             # sample rate and steps (the ledger) and its loss all leave them out.
             public_records=len(data.y_train) - held,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import warnings
 from dataclasses import dataclass
 
@@ -57,7 +58,7 @@ def train_local(
     dp: DPSettings | None = None,
     grad_sample_mode: str = "hooks",
     proximal_mu: float = 0.0,
-    seed: int = 0,
+    seed: int | None = 0,
     public_records: int | None = None,
 ) -> TrainResult:
     """Train ``model`` in place for ``epochs`` passes over the local records.
@@ -72,7 +73,15 @@ def train_local(
     so neither the ledger nor the loss moves with the canaries. Sampling every record
     with that ``q`` is still exactly the mechanism the ledger accounts for: Poisson
     sampling's guarantee depends on ``q``, not on how many records are sampled.
+
+    ``seed`` drives the shuffling or Poisson batches and the noise; ``None`` draws a
+    fresh seed from OS entropy, which private training needs unless reproducibility
+    was asked for (see :func:`clients.app.training_seed`).
     """
+    if seed is None:
+        # Fresh OS entropy: the noise and the sampled batches stay unknown to anyone
+        # who knows the run's config. torch's generator is not a CSPRNG (see README).
+        seed = secrets.randbits(63)
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     public = len(y) if public_records is None else int(public_records)

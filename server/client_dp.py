@@ -34,7 +34,7 @@ def clip_update(update: dict[str, np.ndarray], clip: float) -> tuple[dict[str, n
 
 
 class ClientLevelDP(Strategy):
-    def __init__(self, inner: Strategy, noise_multiplier: float, clip: float, sample_rate: float, num_clients: int, seed: int):
+    def __init__(self, inner: Strategy, noise_multiplier: float, clip: float, sample_rate: float, num_clients: int, seed: int | None):
         self.inner = inner
         self.noise_multiplier = noise_multiplier
         self.clip = clip
@@ -62,7 +62,8 @@ class ClientLevelDP(Strategy):
             for k in total:
                 total[k] += clipped[k]
         self.update_norms[server_round] = norms
-        rng = np.random.default_rng([self.seed, server_round, 0xC11E])
+        # seed None: fresh OS entropy, so the noise cannot be rederived from the config.
+        rng = np.random.default_rng(None if self.seed is None else [self.seed, server_round, 0xC11E])
         std = self.noise_multiplier * self.clip
         # np.asarray: arithmetic on a 0-d array yields a numpy scalar, which Flower's Array refuses.
         return {k: np.asarray((t + rng.normal(0.0, std, size=t.shape)) / self.denominator, dtype=self.current[k].dtype) for k, t in total.items()}

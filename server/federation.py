@@ -90,6 +90,7 @@ def _config_record(job: ServerJob, meta=None) -> ConfigRecord:
         "dp": c.dp,
         "noise-multiplier": c.noise_multiplier,
         "max-grad-norm": c.max_grad_norm,
+        "reproducible-noise": c.reproducible_noise,
         "delta": job.delta,
         "max-epsilon": c.max_epsilon or 0.0,
         "client-clip": c.client_clip,
@@ -279,10 +280,14 @@ def _run_rounds(grid: Grid, job: ServerJob, log: AuditLog, exchange_key) -> dict
         mode="poisson" if c.client_dp else "fixed",
         evaluated=range(c.clients),
         eval_fraction=c.eval_fraction,
+        # Client-level DP's amplification by sampling needs a sample nobody can rederive.
+        secret_sampling=c.client_dp and not c.reproducible_noise,
     )
     client_dp: ClientLevelDP | None = None
     if c.client_dp:
-        client_dp = strategy = ClientLevelDP(strategy, c.client_noise_multiplier, c.client_clip, c.participation_rate, c.nodes, c.seed)
+        client_dp = strategy = ClientLevelDP(
+            strategy, c.client_noise_multiplier, c.client_clip, c.participation_rate, c.nodes, c.seed if c.reproducible_noise else None
+        )
     exchange: EncryptedExchange | None = None
     if c.encrypt:
         # Outermost: the wrappers inside it (client-level clipping and noise) need plaintext.

@@ -74,14 +74,17 @@ class ParticipatingClients(Strategy):
     client-level DP accounting holds only for this.
 
     ``node_of`` maps partition id -> node id. Sampling is over sorted partition ids,
-    so a seed gives the same participants in every run and on every engine.
+    so a seed gives the same participants in every run and on every engine, unless
+    ``secret_sampling``: then each round's training sample comes from fresh OS entropy,
+    so knowing the seed does not reveal it (client-level DP's sampling assumption).
 
     ``eval_fraction`` < 1 evaluates only a seeded sample of round(eval_fraction * N)
     clients each round (see :meth:`evaluators`); 1 evaluates every client. Only the
     partition ids in ``evaluated`` (default: all) can evaluate: canary clients hold no data.
     """
 
-    def __init__(self, inner: Strategy, node_of: dict[int, int], fraction: float, seed: int, mode: str = "fixed", eval_fraction: float = 1.0, evaluated: Iterable[int] | None = None):
+    def __init__(self, inner: Strategy, node_of: dict[int, int], fraction: float, seed: int, mode: str = "fixed", eval_fraction: float = 1.0, evaluated: Iterable[int] | None = None,
+                 secret_sampling: bool = False):
         if mode not in ("fixed", "poisson"):
             raise ValueError(mode)
         self.inner = inner
@@ -92,10 +95,11 @@ class ParticipatingClients(Strategy):
         self.seed = seed
         self.mode = mode
         self.eval_fraction = eval_fraction
+        self.secret_sampling = secret_sampling
 
     def participants(self, server_round: int) -> list[int]:
         ids = list(self.node_of)
-        rng = np.random.default_rng([self.seed, server_round])
+        rng = np.random.default_rng(None if self.secret_sampling else [self.seed, server_round])
         if self.mode == "poisson":
             return [pid for pid, u in zip(ids, rng.random(len(ids))) if u < self.fraction]
         count = max(1, int(round(len(ids) * self.fraction)))

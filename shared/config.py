@@ -60,6 +60,10 @@ class RunConfig:
     max_grad_norm: float = 2.0
     delta: float | None = None
     target_epsilon: float | None = None
+    # Seed the DP randomness (Poisson batches and Gaussian noise; under client-level DP
+    # also who takes part and the server's noise) from --seed instead of fresh OS
+    # entropy. Anyone who knows the config can then replay the noise: no DP against them.
+    reproducible_noise: bool = False
     # client-level differential privacy (DP-FedAvg)
     client_dp: bool = False
     client_noise_multiplier: float = 1.0

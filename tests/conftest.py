@@ -130,9 +130,17 @@ def private_run(e2e_dir) -> dict:
 
 @pytest.fixture(scope="session")
 def private_rerun(e2e_dir, private_run) -> dict:
-    return run_json("run", *SMALL, "--dp", runs_dir=e2e_dir)
+    # What the server could compute if the noise followed the seed: the same run with
+    # its DP randomness derived from --seed.
+    return run_json("run", *SMALL, "--dp", "--reproducible-noise", runs_dir=e2e_dir)
 
 
 @pytest.fixture(scope="session")
 def nonprivate_run(e2e_dir) -> dict:
     return run_json("run", *SMALL, "--no-dp", runs_dir=e2e_dir)
+
+
+@pytest.fixture(scope="session")
+def nonprivate_rerun(e2e_dir, nonprivate_run) -> dict:
+    # Unencrypted as well: sealing the exchange must not change what is computed.
+    return run_json("run", *SMALL, "--no-dp", "--no-encrypt", runs_dir=e2e_dir)

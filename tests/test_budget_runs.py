@@ -89,7 +89,8 @@ def test_enforcement_stops_with_budget_exhausted(capped_run, budget_dir):
 # ----------------------------------------------------------------------------- crash
 
 
-CRASH = ("run", "--clients", "3", "--rounds", "6", "--local-epochs", "3", "--seed", "5", "--model", "logreg")
+# Reproducible noise, so the resumed run can be compared with an uninterrupted one.
+CRASH = ("run", "--clients", "3", "--rounds", "6", "--local-epochs", "3", "--seed", "5", "--model", "logreg", "--reproducible-noise")
 
 
 def _ledger(db: Path, run_id: str):

@@ -77,10 +77,22 @@ def test_epsilon_is_cumulative_and_matches_a_fresh_accountant(private_run, e2e_d
     assert shown["privacy"]["rounds_trained"] == {"0": [1, 2], "1": [1, 2], "2": [1, 2]}
 
 
-def test_same_seed_same_accuracy(private_run, private_rerun):
-    assert private_rerun["run_id"] != private_run["run_id"]
-    assert private_rerun["accuracy"] == private_run["accuracy"]
+def test_same_seed_same_accuracy(nonprivate_run, nonprivate_rerun):
+    assert nonprivate_rerun["run_id"] != nonprivate_run["run_id"]
+    assert nonprivate_rerun["accuracy"] == nonprivate_run["accuracy"]
+    first, second = (load_file(str(Path(r["run_dir"]) / "model.safetensors")) for r in (nonprivate_run, nonprivate_rerun))
+    assert all((first[k] == second[k]).all() for k in first)
+
+
+def test_private_run_noise_is_not_the_seeds(private_run, private_rerun):
+    # The same seed and ledger give the same epsilon. But a default private run draws its
+    # noise and Poisson batches from fresh OS entropy: the server, which knows the seed,
+    # replaying the run with seed-derived randomness does not get the same model.
     assert private_rerun["epsilon"] == private_run["epsilon"]
+    configs = [tomllib.loads((Path(r["run_dir"]) / "config.toml").read_text()) for r in (private_run, private_rerun)]
+    assert [c["reproducible-noise"] for c in configs] == [False, True]
+    first, second = (load_file(str(Path(r["run_dir"]) / "model.safetensors")) for r in (private_run, private_rerun))
+    assert any((first[k] != second[k]).any() for k in first)
 
 
 def test_runs_lists_every_run(private_run, nonprivate_run, e2e_dir):

@@ -1,6 +1,7 @@
 """Privacy accounting against the oracle values in the reference (../shared/reference/privacy.md)."""
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -201,3 +202,69 @@ def test_run_client_target_epsilon_calibrates_z():
     z = checked.config.client_noise_multiplier
     eps = privacy.epsilon([(z, 0.5, 8)], checked.delta)
     assert 4.0 - 0.05 <= eps <= 4.0
+
+
+# ------------------------------------------------------------ DP randomness is not rederivable
+
+
+def _private_weights(seed):
+    import torch
+
+    from clients.training import GRAD_SAMPLE_MODE, DPSettings, train_local
+    from shared.models import build_model
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(64, 8)).astype(np.float32), rng.integers(0, 3, 64)
+    torch.manual_seed(0)
+    model = build_model("logreg", 8, 3)
+    with warnings.catch_warnings():  # Opacus's secure_mode advice, as in clients/app.py
+        warnings.simplefilter("ignore")
+        train_local(model, x, y, epochs=1, batch_size=16, learning_rate=0.1, dp=DPSettings(1.0, 1.0),
+                    grad_sample_mode=GRAD_SAMPLE_MODE["logreg"], seed=seed)
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_seeded_dp_training_repeats_and_unseeded_draws_fresh_noise():
+    import torch
+
+    assert torch.equal(_private_weights(11), _private_weights(11))
+    assert not torch.equal(_private_weights(None), _private_weights(None))
+
+
+def test_private_rounds_draw_fresh_entropy_unless_reproducible_noise_is_asked():
+    from clients.app import training_seed
+
+    base = {"dp": True, "data.seed": 7}
+    assert training_seed(base, 1, 0) is None
+    assert training_seed({**base, "reproducible-noise": False}, 1, 0) is None
+    seeded = training_seed({**base, "reproducible-noise": True}, 1, 0)
+    assert seeded == training_seed({**base, "reproducible-noise": True}, 1, 0) != training_seed({**base, "reproducible-noise": True}, 2, 0)
+    assert training_seed({"dp": False, "data.seed": 7}, 1, 0) is not None  # nothing secret to protect
+
+
+def test_client_level_sample_and_noise_are_fresh_unless_seeded():
+    from server.client_dp import ClientLevelDP
+
+    def sample(**kw):
+        sampler = ParticipatingClients(inner=None, node_of={i: i for i in range(20)}, fraction=0.5, seed=3, mode="poisson", **kw)
+        return [sampler.participants(r) for r in range(1, 6)]
+
+    assert sample() == sample()
+    assert sample(secret_sampling=True) != sample(secret_sampling=True)  # equal with probability 2^-100
+
+    def noise(seed):
+        dp = ClientLevelDP(inner=None, noise_multiplier=1.0, clip=1.0, sample_rate=0.5, num_clients=8, seed=seed)
+        dp.current = {"w": np.zeros(50, dtype=np.float32)}
+        return dp.noised_mean_update(1, [])["w"]
+
+    assert np.array_equal(noise(0), noise(0))
+    assert not np.array_equal(noise(None), noise(None))
+
+
+def test_reproducible_noise_is_a_run_setting():
+    from shared.config import resolve
+
+    assert resolve(None).reproducible_noise is False
+    assert resolve(None, reproducible_noise=True).reproducible_noise is True
+    result = CliRunner().invoke(app, ["run", "--help"])
+    assert "--reproducible-noise" in result.stdout
