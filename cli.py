@@ -416,9 +416,10 @@ def budget(
         cfg = resolve(config)
         checked = preflight(cfg)
         report = planner.run_shape(
-            rounds=rounds or cfg.rounds, clients=cfg.clients, client_sizes=checked.client_sizes,
-            batch_size=batch_size or cfg.batch_size, local_epochs=local_epochs or cfg.local_epochs,
-            participation=(clients_per_round / cfg.clients) if clients_per_round else cfg.participation_rate,
+            rounds=cfg.rounds if rounds is None else rounds, clients=cfg.clients, client_sizes=checked.client_sizes,
+            batch_size=cfg.batch_size if batch_size is None else batch_size,
+            local_epochs=cfg.local_epochs if local_epochs is None else local_epochs,
+            participation=cfg.participation_rate if clients_per_round is None else clients_per_round / cfg.clients,
             delta=delta if delta is not None else checked.delta,
             noise_multiplier=noise_multiplier if noise_multiplier is not None else (cfg.noise_multiplier if cfg.dp and target_epsilon is None else None),
             target_epsilon=target_epsilon if target_epsilon is not None else cfg.target_epsilon,
@@ -429,11 +430,14 @@ def budget(
         missing = [f for f, v in (("--rounds", rounds), ("--clients", clients), ("--batch-size", batch_size), ("--dataset-size", dataset_size)) if v is None]
         if missing:
             raise FedauditError(f"give --sample-rate/--steps, a --config, or a run shape; missing {', '.join(missing)}")
+        if clients < 1:
+            raise FedauditError(f"--clients must be >= 1, got {clients}")
         if dataset_size < clients:
             raise FedauditError(f"--dataset-size {dataset_size} is smaller than --clients {clients}")
         report = planner.run_shape(
             rounds=rounds, clients=clients, client_sizes=[dataset_size // clients], batch_size=batch_size,
-            local_epochs=local_epochs or 1, participation=(clients_per_round or clients) / clients, delta=delta,
+            local_epochs=1 if local_epochs is None else local_epochs,
+            participation=(clients if clients_per_round is None else clients_per_round) / clients, delta=delta,
             noise_multiplier=noise_multiplier, target_epsilon=target_epsilon,
             client_noise_multiplier=client_noise_multiplier, client_target_epsilon=client_target_epsilon,
         )

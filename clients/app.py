@@ -8,6 +8,7 @@ accumulates across every round in which this client trained.
 from __future__ import annotations
 
 import functools
+from collections import Counter
 import os
 import warnings
 
@@ -123,13 +124,22 @@ def describe(msg: Message, context: Context, canaries: CanarySecret | None = Non
     )
 
 
+def merged_ledger(held: list, restored: list) -> list[tuple[float, float, int]]:
+    """What a node keeps when the store sends back its ledger on resume.
+
+    A fresh node (the usual case) takes ``restored``. A node that kept its own ledger
+    through the interruption keeps every entry of it as well: the multiset union holds
+    both ledgers, so epsilon never drops below either.
+    """
+    union = Counter(map(tuple, restored)) | Counter(map(tuple, held))
+    return [(float(s), float(q), int(n)) for s, q, n in union.elements()]
+
+
 def restore_ledger(msg: Message, context: Context) -> Message:
     """Resume: a fresh node takes back the spend it made before the run was interrupted."""
     record = msg.content[CONFIG_KEY]
     restored = list(zip(record["sigma"], record["q"], record["steps"]))
-    # Never lower a ledger this node already holds.
-    if sum(n for *_, n in restored) > sum(n for *_, n in read_ledger(context)):
-        write_ledger(context, restored)
+    write_ledger(context, merged_ledger(read_ledger(context), restored))
     return _reply(msg, {PARTITION_ID: partition_id(context), "ledger-steps": sum(n for *_, n in read_ledger(context))})
 
 

@@ -46,6 +46,24 @@ def _proximal_term(model: nn.Module, anchor: list[torch.Tensor]) -> torch.Tensor
     return sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
 
 
+def _step(opt, model: nn.Module, anchor: list[torch.Tensor] | None, proximal_mu: float, private: bool) -> None:
+    """One optimizer step; under DP, FedProx's proximal gradient is added after Opacus.
+
+    Opacus builds ``p.grad`` from per-sample gradients only, so a proximal term in the
+    loss would be dropped. Its gradient mu (w - w0) depends on no record, so adding it
+    to the clipped, noised gradient costs no privacy and gives the same update rule as
+    the non-private loss term.
+    """
+    if anchor is None or not private:
+        opt.step()
+        return
+    if opt.pre_step():
+        with torch.no_grad():
+            for p, a in zip(model.parameters(), anchor):
+                p.grad.add_(p - a, alpha=proximal_mu)
+        opt.original_optimizer.step()
+
+
 def train_local(
     model: nn.Module,
     x: np.ndarray,
@@ -136,15 +154,15 @@ def train_local(
                 # per-sample gradients directly.
                 for p in model.parameters():
                     p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
-                opt.step()
+                _step(opt, model, anchor, proximal_mu, private=True)
                 steps += 1
                 continue
             per_record = criterion(train_model(xb), yb)
             loss = per_record.mean()
-            if anchor is not None:
+            if anchor is not None and dp is None:
                 loss = loss + proximal_mu / 2 * _proximal_term(model, anchor)
             loss.backward()
-            opt.step()
+            _step(opt, model, anchor, proximal_mu, private=dp is not None)
             steps += 1
             loss_sum += float(per_record.detach()[counted_b].sum())
             seen += int(counted_b.sum())

@@ -75,6 +75,13 @@ def preflight(config: RunConfig) -> Preflight:
         z = privacy.noise_for_target(config.client_target_epsilon, config.participation_rate, config.rounds, delta)
         config = replace(config, client_noise_multiplier=z)
         notes.append(f"client noise multiplier = {z:.4f}, calibrated for client-level epsilon <= {config.client_target_epsilon:g} at delta {delta:g}")
+    # One step of each mechanism through the accountant (milliseconds): a noise level it
+    # cannot bound is bad input here, not a failed round later in every client.
+    if config.dp:
+        q = max(m.sample_rate for m in planner.sample_level_mechanisms(sizes, config.batch_size, config.local_epochs, config.rounds))
+        privacy.epsilon([(config.noise_multiplier, q, 1)], delta)
+    if config.client_dp:
+        privacy.epsilon([(config.client_noise_multiplier, config.participation_rate, 1)], delta)
     return Preflight(config=config, delta=delta, model_name=model_name, client_sizes=sizes, notes=notes)
 
 
@@ -267,6 +274,13 @@ def summarize(store: RunStore, run_id: str) -> dict:
     ledger = store.ledger(run_id)
     cap = record.config.get("max-epsilon")
     epsilon = max((r["epsilon"] for r in rounds if r["epsilon"] is not None), default=None) if dp else None
+    epsilon_rdp = max((r["epsilon_rdp"] for r in rounds if r["epsilon_rdp"] is not None), default=None) if dp else None
+    if dp and store.interrupted_spend(run_id):
+        # A resumed run that stopped before a new round: the interrupted round's spend is
+        # in no rounds row, but it was spent.
+        full = store.ledger_with_interrupted(run_id).values()
+        epsilon = max([e for e in [epsilon] if e is not None] + [privacy.epsilon(l, record.delta) for l in full])
+        epsilon_rdp = max([e for e in [epsilon_rdp] if e is not None] + [privacy.epsilon(l, record.delta, "rdp") for l in full])
     client_epsilon = max((r["client_epsilon"] for r in rounds if r["client_epsilon"] is not None), default=None) if client_dp else None
     return {
         "run_id": run_id,
@@ -277,7 +291,7 @@ def summarize(store: RunStore, run_id: str) -> dict:
         "loss": last.get("loss"),
         "f1_macro": record.info.get("f1_macro"),
         "epsilon": epsilon,
-        "epsilon_rdp": max((r["epsilon_rdp"] for r in rounds if r["epsilon_rdp"] is not None), default=None) if dp else None,
+        "epsilon_rdp": epsilon_rdp,
         "client_epsilon": client_epsilon,
         "client_epsilon_rdp": max((r["client_epsilon_rdp"] for r in rounds if r["client_epsilon_rdp"] is not None), default=None) if client_dp else None,
         "delta": record.delta if (dp or client_dp) else None,
@@ -312,6 +326,8 @@ PRIVACY_ASSUMPTIONS = (
     "each client's epsilon covers its own records only; clients compose in parallel, so the run's epsilon is the largest client's",
     "epsilon composes over every round in which that client trained (listed per client)",
     "model initialisation, client sampling and feature scaling are treated as public",
+    "each client's reported metrics (record count, label histogram, training loss, validation loss and accuracy) "
+    "are exact and released outside epsilon, to the server and into the run store",
 )
 
 

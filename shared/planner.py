@@ -98,6 +98,8 @@ def run_shape(
     """q and T for each DP mode of a run's shape, with sigma or epsilon for each."""
     if rounds < 1 or clients < 1:
         raise BadInput("--rounds and --clients must be >= 1")
+    if batch_size < 1 or local_epochs < 1:
+        raise BadInput(f"--batch-size and --local-epochs must be >= 1, got {batch_size} and {local_epochs}")
     if not (0.0 < participation <= 1.0):
         raise BadInput(f"clients per round / clients must be in (0, 1], got {participation:g}")
     if delta is None:

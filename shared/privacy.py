@@ -35,8 +35,8 @@ def check_mechanism(sample_rate: float, noise_multiplier: float | None = None, d
     """Raise :class:`BadInput` with one clear line for out-of-range mechanism parameters."""
     if not (0.0 < sample_rate <= 1.0):
         raise BadInput(f"sample rate must be in (0, 1], got {sample_rate}")
-    if noise_multiplier is not None and not noise_multiplier > 0:
-        raise BadInput(f"noise multiplier must be > 0, got {noise_multiplier}")
+    if noise_multiplier is not None and not (noise_multiplier > 0 and math.isfinite(noise_multiplier)):
+        raise BadInput(f"noise multiplier must be a finite number > 0, got {noise_multiplier}")
     if delta is not None and not (0.0 < delta < 1.0):
         raise BadInput(f"delta must be in (0, 1), got {delta}")
 
@@ -136,7 +136,12 @@ def epsilon(ledger: Iterable[Sequence[float]], delta: float, accountant: str = H
         return 0.0
     for sigma, q, _ in entries:
         check_mechanism(q, sigma, delta)
-    return _epsilon_cached(tuple(sorted(entries)), float(delta), accountant)
+    try:
+        return _epsilon_cached(tuple(sorted(entries)), float(delta), accountant)
+    except (ZeroDivisionError, OverflowError, MemoryError):
+        # Opacus's accountants break down for a vanishing noise multiplier.
+        smallest = min(s for s, _, _ in entries)
+        raise BadInput(f"noise multiplier {smallest:g} is too small for the {accountant.upper()} accountant to bound epsilon") from None
 
 
 def epsilons(ledger: Iterable[Sequence[float]], delta: float) -> dict[str, float]:
@@ -157,8 +162,8 @@ def noise_for_target(
 
     Bisection on sigma; the returned sigma always satisfies ``epsilon <= target``.
     """
-    if not target_epsilon > 0:
-        raise BadInput(f"target epsilon must be > 0, got {target_epsilon}")
+    if not (target_epsilon > 0 and math.isfinite(target_epsilon)):
+        raise BadInput(f"target epsilon must be a finite number > 0, got {target_epsilon}")
     check_mechanism(sample_rate, None, delta)
     if steps < 1:
         raise BadInput(f"steps must be >= 1, got {steps}")

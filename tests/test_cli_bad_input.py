@@ -40,6 +40,7 @@ CASES = {
     "client smaller than batch": (["--clients", "40", "--batch-size", "64"], "fewer than --batch-size 64"),
     "noise multiplier zero": (["--noise-multiplier", "0"], "--noise-multiplier must be > 0"),
     "noise multiplier negative": (["--noise-multiplier", "-1"], "--noise-multiplier must be > 0"),
+    "noise multiplier vanishing": (["--noise-multiplier", "1e-300"], "too small for the PRV accountant"),
     "delta too large": (["--delta", "0.05"], "must be below 1/(smallest client's records)"),
     "rounds zero": (["--rounds", "0"], "--rounds must be >= 1"),
     "data and dataset": (["--data", "{d}/good.csv", "--dataset", "digits", "--label", "y"], "mutually exclusive"),

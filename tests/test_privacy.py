@@ -141,6 +141,18 @@ BUDGET_BAD = {
     "unreachable": (["--sample-rate", "1.0", "--target-epsilon", "1e-4", "--steps", "100000", "--delta", "1e-5"], "cannot be reached"),
     "rate zero": (["--sample-rate", "0", "--noise-multiplier", "1", "--steps", "10", "--delta", "1e-5"], "sample rate must be in (0, 1]"),
     "rate above one": (["--sample-rate", "1.5", "--noise-multiplier", "1", "--steps", "10", "--delta", "1e-5"], "sample rate must be in (0, 1]"),
+    "noise infinite": (["--sample-rate", "0.01", "--noise-multiplier", "inf", "--steps", "10", "--delta", "1e-5"], "noise multiplier must be a finite number > 0"),
+    "noise vanishing": (["--sample-rate", "0.01", "--noise-multiplier", "1e-300", "--steps", "10", "--delta", "1e-5"], "too small for the PRV accountant"),
+    "target infinite": (["--sample-rate", "0.01", "--target-epsilon", "inf", "--steps", "10", "--delta", "1e-5"], "target epsilon must be a finite number > 0"),
+    "no clients": (["--rounds", "5", "--clients", "0", "--batch-size", "8", "--dataset-size", "1000", "--noise-multiplier", "1"], "--clients must be >= 1"),
+    "nobody per round": (
+        ["--rounds", "5", "--clients", "10", "--clients-per-round", "0", "--batch-size", "8", "--dataset-size", "1000", "--noise-multiplier", "1"],
+        "clients per round / clients must be in (0, 1]",
+    ),
+    "no local epochs": (
+        ["--rounds", "5", "--clients", "10", "--local-epochs", "0", "--batch-size", "8", "--dataset-size", "1000", "--noise-multiplier", "1"],
+        "--local-epochs must be >= 1",
+    ),
     "client-level < 2 per round": (
         ["--rounds", "5", "--clients", "10", "--clients-per-round", "1", "--batch-size", "8", "--dataset-size", "1000", "--client-noise-multiplier", "1"],
         "at least 2 clients per round",
@@ -268,3 +280,41 @@ def test_reproducible_noise_is_a_run_setting():
     assert resolve(None, reproducible_noise=True).reproducible_noise is True
     result = CliRunner().invoke(app, ["run", "--help"])
     assert "--reproducible-noise" in result.stdout
+
+
+def test_fedprox_proximal_term_acts_under_dp():
+    # Opacus rebuilds p.grad from per-sample gradients; the proximal pull must survive it.
+    import torch
+
+    from clients.training import GRAD_SAMPLE_MODE, DPSettings, train_local
+    from shared.models import build_model
+
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(96, 8)).astype(np.float32), rng.integers(0, 3, 96)
+
+    def drift(mu, dp):
+        torch.manual_seed(0)
+        model = build_model("logreg", 8, 3)
+        start = torch.cat([p.detach().flatten() for p in model.parameters()])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            train_local(model, x, y, epochs=3, batch_size=16, learning_rate=0.5, dp=dp, proximal_mu=mu,
+                        grad_sample_mode=GRAD_SAMPLE_MODE["logreg"], seed=4)
+        return float((torch.cat([p.detach().flatten() for p in model.parameters()]) - start).norm())
+
+    for dp in (None, DPSettings(0.5, 1.0)):
+        assert drift(1.0, dp) < 0.8 * drift(0.0, dp), dp  # pulled towards the global model
+
+
+def test_restoring_a_ledger_never_lowers_a_nodes_epsilon():
+    from clients.app import merged_ledger
+
+    held = [(0.6, 0.1, 100)]  # spent more, in fewer steps, than the store's copy says
+    restored = [(5.0, 0.1, 101)]
+    now = merged_ledger(held, restored)
+    assert privacy.epsilon(now, 1e-5) >= max(privacy.epsilon(held, 1e-5), privacy.epsilon(restored, 1e-5))
+    assert sorted(now) == sorted(held + restored)
+    # A node holding a prefix of the stored ledger, or nothing (a fresh node), ends with the stored one.
+    stored = [(1.0, 0.1, 9), (1.0, 0.1, 9), (1.0, 0.1, 9)]
+    assert merged_ledger(stored[:2], stored) == stored
+    assert merged_ledger([], stored) == stored
