@@ -318,3 +318,22 @@ def test_restoring_a_ledger_never_lowers_a_nodes_epsilon():
     stored = [(1.0, 0.1, 9), (1.0, 0.1, 9), (1.0, 0.1, 9)]
     assert merged_ledger(stored[:2], stored) == stored
     assert merged_ledger([], stored) == stored
+
+
+def test_a_resumed_run_that_fails_at_once_still_reports_the_interrupted_spend(tmp_path):
+    from server.runner import summarize
+    from shared.store import RunStore
+
+    store = RunStore(tmp_path)
+    store.create_run("r", {"dp": True})
+    store.update_run("r", delta=1e-5)
+    spend = lambda rnd: [{"client": 0, "num_examples": 100, "noise_multiplier": 1.0, "sample_rate": 0.1, "steps": 10}]  # noqa: E731
+    one = privacy.epsilon([(1.0, 0.1, 10)], 1e-5)
+    store.commit_spend("r", 1, spend(1), {"epsilon": one})
+    store.record_round("r", 1, {"accuracy": 0.5, "model_sha256": "x"}, [])
+    store.commit_spend("r", 2, spend(2), {"epsilon": privacy.epsilon([(1.0, 0.1, 20)], 1e-5)})  # then killed
+    store.set_aside_interrupted("r", after_round=1)  # --resume, which then fails at once
+    store.finish_run("r", "failed", "boom")
+    summary = summarize(store, "r")
+    assert summary["epsilon"] == pytest.approx(privacy.epsilon([(1.0, 0.1, 20)], 1e-5)) and summary["epsilon"] > one
+    assert summary["epsilon_rdp"] == pytest.approx(privacy.epsilon([(1.0, 0.1, 20)], 1e-5, "rdp"))
