@@ -8,9 +8,9 @@ accumulates across every round in which this client trained.
 from __future__ import annotations
 
 import functools
-from collections import Counter
 import os
 import warnings
+from collections import Counter
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 

@@ -325,7 +325,7 @@ PRIVACY_ASSUMPTIONS = (
     "add/remove-one neighbouring datasets: epsilon bounds what one record changes",
     "each client's epsilon covers its own records only; clients compose in parallel, so the run's epsilon is the largest client's",
     "epsilon composes over every round in which that client trained (listed per client)",
-    "model initialisation, client sampling and feature scaling are treated as public",
+    "model initialisation, feature scaling and, under sample-level DP only, which clients train each round are treated as public",
     "each client's reported metrics (record count, label histogram, training loss, validation loss and accuracy) "
     "are exact and released outside epsilon, to the server and into the run store",
 )
