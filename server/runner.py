@@ -41,6 +41,9 @@ class Preflight:
     notes: list[str]
 
 
+ACCOUNTANT_PROBE_BELOW = 0.5
+
+
 def preflight(config: RunConfig) -> Preflight:
     """Every check that needs the data, done before anything is written."""
     spec = config.data_spec
@@ -75,12 +78,14 @@ def preflight(config: RunConfig) -> Preflight:
         z = privacy.noise_for_target(config.client_target_epsilon, config.participation_rate, config.rounds, delta)
         config = replace(config, client_noise_multiplier=z)
         notes.append(f"client noise multiplier = {z:.4f}, calibrated for client-level epsilon <= {config.client_target_epsilon:g} at delta {delta:g}")
-    # One step of each mechanism through the accountant (milliseconds): a noise level it
-    # cannot bound is bad input here, not a failed round later in every client.
-    if config.dp:
+    # Opacus's accountants break down (division by zero, petabyte arrays) for a vanishing
+    # noise multiplier. One step through the accountant turns that into bad input here,
+    # not a failed round in every client. Only below ACCOUNTANT_PROBE_BELOW: the probe
+    # imports opacus (~1.5 s), which a sample-level driver otherwise never needs.
+    if config.dp and config.noise_multiplier < ACCOUNTANT_PROBE_BELOW:
         q = max(m.sample_rate for m in planner.sample_level_mechanisms(sizes, config.batch_size, config.local_epochs, config.rounds))
         privacy.epsilon([(config.noise_multiplier, q, 1)], delta)
-    if config.client_dp:
+    if config.client_dp and config.client_noise_multiplier < ACCOUNTANT_PROBE_BELOW:
         privacy.epsilon([(config.client_noise_multiplier, config.participation_rate, 1)], delta)
     return Preflight(config=config, delta=delta, model_name=model_name, client_sizes=sizes, notes=notes)
 
