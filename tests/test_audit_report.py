@@ -135,7 +135,9 @@ EPS = (0.01, 0.02, 0.05, 0.1, 0.2)
 
 
 @pytest.mark.simulation
-@pytest.mark.parametrize("fixture", ["private_run", "nonprivate_run"])
+# The seeded private run: PGD <= FGSM is a property checked on one fixed model, and a
+# default private run's model changes with its fresh noise every session.
+@pytest.mark.parametrize("fixture", ["private_rerun", "nonprivate_run"])
 def test_trained_model_weakens_as_eps_grows_and_pgd_beats_fgsm(fixture, request, e2e_dir):
     run = load_run(RunStore(e2e_dir), request.getfixturevalue(fixture)["run_id"])
     data = run.data
