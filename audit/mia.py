@@ -55,7 +55,7 @@ import torch
 from torch import nn
 
 from audit.empirical import mia_epsilon_lower_bound, mia_metrics
-from clients.training import GRAD_SAMPLE_MODE, DPSettings, train_local
+from clients.training import GRAD_SAMPLE_MODE, DPSettings, derived_seed, train_local
 from shared.data import client_data
 from shared.errors import BadInput
 from shared.models import build_model
@@ -152,7 +152,7 @@ def train_federated(recipe: Recipe, x: np.ndarray, y: np.ndarray, seed: int = 0)
                     train_local(
                         local, x[idx], y[idx], epochs=recipe.local_epochs, batch_size=recipe.batch_size, learning_rate=recipe.lr,
                         optimizer=recipe.optimizer, dp=dp, grad_sample_mode=GRAD_SAMPLE_MODE.get(recipe.model, "hooks"),
-                        proximal_mu=recipe.proximal_mu, seed=seed * 1_000_003 + round_ * 10_007 + pid,
+                        proximal_mu=recipe.proximal_mu, seed=derived_seed(seed, round_, pid),
                     )
                 updates.append([p.detach() - s for p, s in zip(local.parameters(), start)])
                 weights.append(len(idx))

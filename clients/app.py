@@ -21,7 +21,7 @@ import torch  # noqa: E402
 
 from clients.attacks import corrupt_update, flip_labels  # noqa: E402
 from clients.encryption import encryption_mod  # noqa: E402
-from clients.training import GRAD_SAMPLE_MODE, DPSettings, train_local  # noqa: E402
+from clients.training import GRAD_SAMPLE_MODE, DPSettings, derived_seed, train_local  # noqa: E402
 from shared import privacy  # noqa: E402
 from shared.canaries import CanarySecret, canary_direction, load_secret  # noqa: E402
 from shared.evaluation import evaluate  # noqa: E402
@@ -188,7 +188,7 @@ def training_seed(config, round_: int, pid: int) -> int | None:
     """
     if config["dp"] and not config.get("reproducible-noise", False):
         return None
-    return int(config["data.seed"]) * 1_000_003 + round_ * 10_007 + pid
+    return derived_seed(int(config["data.seed"]), round_, pid)
 
 
 def train(msg: Message, context: Context, canaries: CanarySecret | None = None) -> Message:

@@ -46,6 +46,11 @@ def _proximal_term(model: nn.Module, anchor: list[torch.Tensor]) -> torch.Tensor
     return sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
 
 
+def derived_seed(run_seed: int, round_: int, client: int) -> int:
+    """A distinct, reproducible training seed per (run seed, round, client)."""
+    return run_seed * 1_000_003 + round_ * 10_007 + client
+
+
 def _step(opt, model: nn.Module, anchor: list[torch.Tensor] | None, proximal_mu: float, private: bool) -> None:
     """One optimizer step; under DP, FedProx's proximal gradient is added after Opacus.
 

@@ -83,8 +83,8 @@ def preflight(config: RunConfig) -> Preflight:
     # not a failed round in every client. Only below ACCOUNTANT_PROBE_BELOW: the probe
     # imports opacus (~1.5 s), which a sample-level driver otherwise never needs.
     if config.dp and config.noise_multiplier < ACCOUNTANT_PROBE_BELOW:
-        q = max(m.sample_rate for m in planner.sample_level_mechanisms(sizes, config.batch_size, config.local_epochs, config.rounds))
-        privacy.epsilon([(config.noise_multiplier, q, 1)], delta)
+        largest_q = 1.0 / planner.batches_per_epoch(min(sizes), config.batch_size)
+        privacy.epsilon([(config.noise_multiplier, largest_q, 1)], delta)
     if config.client_dp and config.client_noise_multiplier < ACCOUNTANT_PROBE_BELOW:
         privacy.epsilon([(config.client_noise_multiplier, config.participation_rate, 1)], delta)
     return Preflight(config=config, delta=delta, model_name=model_name, client_sizes=sizes, notes=notes)

@@ -28,8 +28,9 @@ def batches_per_epoch(num_records: int, batch_size: int) -> int:
 
 
 def sample_level_mechanisms(client_sizes: list[int], batch_size: int, local_epochs: int, rounds: int) -> list[Mechanism]:
-    if batch_size < 1 or local_epochs < 1 or rounds < 1:
-        raise BadInput("batch size, local epochs and rounds must all be >= 1")
+    for flag, value in (("--batch-size", batch_size), ("--local-epochs", local_epochs), ("--rounds", rounds)):
+        if value < 1:
+            raise BadInput(f"{flag} must be >= 1, got {value}")
     shapes = set()
     for n in client_sizes:
         if n < 1:
@@ -98,8 +99,6 @@ def run_shape(
     """q and T for each DP mode of a run's shape, with sigma or epsilon for each."""
     if rounds < 1 or clients < 1:
         raise BadInput("--rounds and --clients must be >= 1")
-    if batch_size < 1 or local_epochs < 1:
-        raise BadInput(f"--batch-size and --local-epochs must be >= 1, got {batch_size} and {local_epochs}")
     if not (0.0 < participation <= 1.0):
         raise BadInput(f"clients per round / clients must be in (0, 1], got {participation:g}")
     if delta is None:
