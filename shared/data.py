@@ -13,6 +13,7 @@ training set plus one integer per client, whatever the number of clients.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from functools import lru_cache
@@ -177,11 +178,16 @@ def _read_table(path: Path, label: str | None) -> tuple[np.ndarray, np.ndarray]:
     return x, labels.to_numpy()
 
 
+def _natural_key(path: Path) -> list:
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", path.name)]
+
+
 def data_files(data: str) -> list[Path]:
     """The files behind ``--data``: one file, or one file per client in a folder."""
     path = Path(data)
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix in DATA_SUFFIXES)
+        # Natural order, so that client i is file i for site2 before site10.
+        files = sorted((p for p in path.iterdir() if p.suffix in DATA_SUFFIXES), key=_natural_key)
         if not files:
             raise BadInput(f"no .csv or .parquet files in data folder {path}")
         return files
@@ -314,9 +320,11 @@ def prepare(spec: DataSpec) -> Prepared:
             raise BadInput(f"the files in {spec.data} have different numbers of feature columns: {sorted(widths)}")
         labels, num_classes = _encode_labels([t[1] for t in tables])
         meta = DataMeta(widths.pop(), num_classes, None, "mlp")
-        if len(files) > 1:
+        if Path(spec.data).is_dir():
             if spec.num_clients != len(files):
-                raise BadInput(f"data folder {spec.data} holds {len(files)} files but --clients is {spec.num_clients}")
+                raise BadInput(f"data folder {spec.data} holds {len(files)} file{'s' if len(files) != 1 else ''} but --clients is {spec.num_clients}")
+            if spec.partition != "iid":
+                raise BadInput(f"--partition {spec.partition} does not apply to a data folder: each file is one client's data")
             # One file per client: each file keeps its records; the server's test split
             # takes the same stratified fraction from every file.
             parts = [_split_test(t[0], lab, spec.test_fraction, spec.seed) for t, lab in zip(tables, labels)]

@@ -78,6 +78,27 @@ def test_user_csv_and_folder(tmp_path):
     assert [len(i) for i in per_client.client_indices] == [30, 30, 30]
     with pytest.raises(BadInput, match="holds 3 files"):
         prepare(DataSpec(dataset=None, data=str(folder), label="target", num_clients=4))
+    with pytest.raises(BadInput, match="does not apply to a data folder"):
+        prepare(DataSpec(dataset=None, data=str(folder), label="target", num_clients=3, partition="dirichlet:0.5"))
+
+
+def test_folder_files_are_clients_in_natural_order(tmp_path):
+    # site10 sorts before site2 as text; client i must still be file i.
+    rng = np.random.default_rng(1)
+    for i in range(11):
+        frame = pd.DataFrame(rng.normal(size=(20 + i, 3)), columns=list("abc"))
+        frame["target"] = np.arange(20 + i) % 2
+        frame.to_csv(tmp_path / f"site{i}.csv", index=False)
+    prepared = prepare(DataSpec(dataset=None, data=str(tmp_path), label="target", num_clients=11, test_fraction=0.0))
+    assert [len(i) for i in prepared.client_indices] == [20 + i for i in range(11)]
+
+
+def test_folder_with_one_file_is_one_client(tmp_path):
+    frame = pd.DataFrame({"a": np.arange(40.0), "target": np.arange(40) % 2})
+    frame.to_csv(tmp_path / "only.csv", index=False)
+    with pytest.raises(BadInput, match="holds 1 file but --clients is 5"):
+        prepare(DataSpec(dataset=None, data=str(tmp_path), label="target", num_clients=5))
+    assert len(prepare(DataSpec(dataset=None, data=str(tmp_path), label="target", num_clients=1)).client_indices) == 1
 
 
 # ----------------------------------------------------------------------------- scale: lazy partitions
