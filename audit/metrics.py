@@ -171,7 +171,9 @@ def utility_report(y_true: Any, y_pred: Any, y_proba: Any, labels: Any = None) -
         multiclass: one-vs-rest macro average), ``roc_auc_reason`` (why ``roc_auc``
         is None, else None), ``confusion_matrix`` (list of lists, rows = true label,
         columns = predicted, both in ``labels`` order) and ``expected_calibration_error``.
-        Precision of a class never predicted counts as 0.
+        Precision of a class never predicted counts as 0. The macro averages run over
+        the classes present in ``y_true`` or ``y_pred`` (scikit-learn's default set):
+        a class that neither holds nor gets any record has no score to average.
     """
     y_true = _as_1d(y_true, "y_true")
     y_pred = _as_1d(y_pred, "y_pred")
@@ -185,6 +187,7 @@ def utility_report(y_true: Any, y_pred: Any, y_proba: Any, labels: Any = None) -
         y_true, y_pred, labels=classes, average=None, zero_division=0
     )
     names = [_native(c) for c in classes]
+    seen = np.isin(classes, np.union1d(y_true, y_pred))
 
     def per_class(values: np.ndarray) -> dict[Any, float]:
         return {name: float(v) for name, v in zip(names, values)}
@@ -207,9 +210,9 @@ def utility_report(y_true: Any, y_pred: Any, y_proba: Any, labels: Any = None) -
         "n_samples": int(y_true.size),
         "accuracy": float(skm.accuracy_score(y_true, y_pred)),
         "balanced_accuracy": balanced,
-        "precision_macro": float(precision.mean()),
-        "recall_macro": float(recall.mean()),
-        "f1_macro": float(f1.mean()),
+        "precision_macro": float(precision[seen].mean()),
+        "recall_macro": float(recall[seen].mean()),
+        "f1_macro": float(f1[seen].mean()),
         "precision_per_class": per_class(precision),
         "recall_per_class": per_class(recall),
         "f1_per_class": per_class(f1),

@@ -111,6 +111,28 @@ def feature_bounds(*arrays: Any, fixed: tuple[float, float] | None = None) -> tu
     return stacked.min(axis=0).astype(np.float32), stacked.max(axis=0).astype(np.float32)
 
 
+def _box(bounds: tuple[Any, Any] | None, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The feature box (lo, hi) for ``x``: ``bounds`` checked, or the range of ``x``."""
+    if bounds is None:
+        return feature_bounds(x)
+    lo, hi = (np.asarray(b, dtype=np.float32) for b in bounds)
+    if lo.shape != (x.shape[1],) or hi.shape != (x.shape[1],):
+        raise BadInput(f"bounds must be two arrays of shape ({x.shape[1]},), one value per feature; got {lo.shape} and {hi.shape}")
+    if not (np.isfinite(lo).all() and np.isfinite(hi).all()) or (hi < lo).any():
+        raise BadInput("bounds must be finite with hi >= lo for every feature")
+    # Attacking a clipped copy would not attack the real record.
+    if (x < lo).any() or (x > hi).any():
+        raise BadInput("records lie outside the given bounds")
+    return lo, hi
+
+
+@torch.no_grad()
+def _check_classes(model: nn.Module, x: np.ndarray, y: np.ndarray) -> None:
+    classes = model(torch.from_numpy(x[:1])).shape[1]
+    if y.max() >= classes:
+        raise BadInput(f"y holds class {int(y.max())} but the model has {classes} outputs")
+
+
 class RangeScaled(nn.Module):
     """``model`` seen from the min/max-normalised space: input u in [0, 1]^d, x = lo + u (hi - lo)."""
 
@@ -169,7 +191,8 @@ def noise_accuracy(
     x = _features(x)
     y = _labels(y, len(x))
     levels = _levels(levels, "noise levels")
-    lo, hi = bounds if bounds is not None else feature_bounds(x)
+    lo, hi = _box(bounds, x)
+    _check_classes(model, x, y)
     width = (hi - lo).astype(np.float32)
     rng = np.random.default_rng(seed)
     model.eval()
@@ -226,7 +249,8 @@ def adversarial_accuracy(
         raise BadInput(f"PGD alpha factor must be > 0, got {alpha_factor!r}")
     if isinstance(random_restarts, bool) or not isinstance(random_restarts, (int, np.integer)) or random_restarts < 0:
         raise BadInput(f"PGD random restarts must be an integer >= 0, got {random_restarts!r}")
-    lo, hi = bounds if bounds is not None else feature_bounds(x)
+    lo, hi = _box(bounds, x)
+    _check_classes(model, x, y)
     wrapped = RangeScaled(model, lo, hi).eval()
     u = wrapped.to_unit(x)
     labels = torch.from_numpy(y)

@@ -47,6 +47,19 @@ def test_utility_report_matches_sklearn_multiclass(multiclass):
     json.dumps(report)  # the report goes into run summaries as-is
 
 
+def test_macro_averages_skip_a_class_absent_from_labels_and_predictions():
+    # Three model classes, but the test split holds and predicts only two of them.
+    y_true = np.array([0, 0, 1, 1])
+    proba = np.array([[0.9, 0.05, 0.05], [0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.2, 0.7, 0.1]])
+    report = utility_report(y_true, y_true, proba)
+    assert report["labels"] == [0, 1, 2]
+    assert report["recall_macro"] == report["f1_macro"] == report["precision_macro"] == 1.0
+    assert report["balanced_accuracy"] == 1.0
+    # A class that is predicted but never true still counts (as scikit-learn counts it).
+    y_pred = np.array([0, 2, 1, 1])
+    assert utility_report(y_true, y_pred, proba)["f1_macro"] == pytest.approx(skm.f1_score(y_true, y_pred, average="macro"))
+
+
 def test_utility_report_binary_uses_positive_class_proba():
     y_true = np.array([0, 0, 1, 1, 1, 0, 1, 0])
     p1 = np.array([0.1, 0.4, 0.35, 0.8, 0.7, 0.2, 0.9, 0.6])

@@ -123,6 +123,22 @@ def test_adversarial_accuracy_rejects_bad_input(kwargs, message):
         rb.adversarial_accuracy(nn.Linear(3, 2), x, np.zeros(4, int), **kwargs)
 
 
+@pytest.mark.parametrize("attack", [rb.noise_accuracy, rb.adversarial_accuracy])
+@pytest.mark.parametrize(
+    "bounds, y, message",
+    [
+        ((np.zeros(1), np.ones(1)), None, r"shape \(3,\)"),
+        ((np.ones(3), np.zeros(3)), None, "hi >= lo"),
+        ((np.full(3, 0.5), np.ones(3)), None, "outside the given bounds"),
+        (None, np.array([0, 1, 2, 0]), "class 2 but the model has 2 outputs"),
+    ],
+)
+def test_attacks_check_bounds_and_labels(attack, bounds, y, message):
+    x = np.zeros((4, 3), np.float32)
+    with pytest.raises(BadInput, match=message):
+        attack(nn.Linear(3, 2), x, np.zeros(4, int) if y is None else y, bounds=bounds)
+
+
 def test_noise_rejects_nan_records():
     x = np.zeros((4, 3), np.float32)
     x[1, 2] = np.nan
