@@ -131,6 +131,7 @@ class EncryptedExchange(Strategy):
         self._memo_round: int | None = None
         # id(reply) -> (reply, opened reply or None if rejected), for the current round.
         self._memo: dict[int, tuple[Message, Message | None]] = {}
+        self._accepted_nodes: set[int] = set()
 
     def __getattr__(self, name: str):
         # Reach wrapped helpers such as ParticipatingClients.participants.
@@ -236,7 +237,7 @@ class EncryptedExchange(Strategy):
 
     def _verified(self, server_round: int, reply: Message) -> Message | None:
         if self._memo_round != server_round:
-            self._memo_round, self._memo = server_round, {}
+            self._memo_round, self._memo, self._accepted_nodes = server_round, {}, set()
         seen = self._memo.get(id(reply))
         if seen is not None and seen[0] is reply:
             return seen[1]
@@ -279,6 +280,10 @@ class EncryptedExchange(Strategy):
         except EnvelopeError as e:
             raise _Rejected("malformed", f"sealed payload is not a valid packed model: {e.reason}") from None
         self._check_arrays(server_round, arrays)
+        # One instruction, one reply: a second valid reply would be averaged in twice.
+        if node in self._accepted_nodes:
+            raise _Rejected("duplicate", f"a second reply from node {node} (client {client_id}) in round {server_round}")
+        self._accepted_nodes.add(node)
         restored = ArrayRecord({name: Array(np.asarray(a)) for name, a in arrays.items()})
         return Message(metadata=reply.metadata, content=replace_record(content, SEALED_KEY, ARRAYS_KEY, restored))
 

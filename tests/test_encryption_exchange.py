@@ -202,6 +202,17 @@ def test_verify_then_aggregate_like_the_round_loop(keys):
     np.testing.assert_allclose(as_numpy(aggregated)["fc.bias"], expected_aggregate(arrays, [0, 1])["fc.bias"], rtol=1e-5)
 
 
+def test_a_second_reply_from_one_node_is_rejected(keys):
+    server = make_server(keys)
+    messages = list(server.configure_train(1, as_record(global_arrays()), ConfigRecord(base_config(keys)), FakeGrid(NODES)))
+    replies = run_clients(messages, [encryption_mod])
+    copy = Message(metadata=replies[1].metadata, content=replies[1].content)
+    good = server.verify_train(1, [*replies, copy])
+    assert clients_of(good) == [0, 1, 2]
+    (rejection,) = server.rejections[1]
+    assert rejection["kind"] == "duplicate" and rejection["node"] == replies[1].metadata.src_node_id
+
+
 # --------------------------------------------------------------------------- attacks
 
 
