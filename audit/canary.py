@@ -80,7 +80,7 @@ def record_level_epsilon(run: StoredRun, store: RunStore, delta: float | None) -
 
 
 def _client_level_epsilon(store: RunStore, run_id: str) -> float | None:
-    return max((r["client_epsilon"] for r in store.get_rounds(run_id) if r["client_epsilon"] is not None), default=None)
+    return store.client_epsilons(run_id)[0]
 
 
 def sample_canary_audit(

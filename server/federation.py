@@ -66,6 +66,7 @@ class ServerJob:
     runs_dir: str
     model_name: str
     resume_from: int = 0
+    resuming: bool = False  # a resume, even of a run interrupted before its first checkpoint
     stop_after_round: int | None = None  # tests: end early as if interrupted
     timeout: float = 3600.0
     exhausted: set = field(default_factory=set)
@@ -301,6 +302,9 @@ def _run_rounds(grid: Grid, job: ServerJob, log: AuditLog, exchange_key) -> dict
     if job.resume_from:
         saved = _load_weights(run_dir / "checkpoints" / f"round-{job.resume_from:04d}.safetensors")
         weights = {k: saved[k] for k in weights}  # the model's own key order, not the file's
+    # A crash before the first checkpoint still spent budget in round 1.
+    earlier_releases = store.interrupted_releases(job.run_id) if job.resuming else 0
+    if job.resuming:
         ledgers = store.ledger_with_interrupted(job.run_id)
         restore_ledgers(grid, job, node_of, ledgers)
         latest = {pid: (privacy.epsilon(l, job.delta), privacy.epsilon(l, job.delta, "rdp")) for pid, l in ledgers.items()}
@@ -314,7 +318,7 @@ def _run_rounds(grid: Grid, job: ServerJob, log: AuditLog, exchange_key) -> dict
         started = time.time()
         epsilons: dict[str, float | None] = {}
         if client_dp is not None:
-            client_ledger = [(c.client_noise_multiplier, c.participation_rate, rnd)]
+            client_ledger = [(c.client_noise_multiplier, c.participation_rate, rnd + earlier_releases)]
             epsilons["client_epsilon"] = privacy.epsilon(client_ledger, job.delta)
             epsilons["client_epsilon_rdp"] = privacy.epsilon(client_ledger, job.delta, "rdp")
             if c.max_epsilon is not None and epsilons["client_epsilon"] > c.max_epsilon:

@@ -178,7 +178,7 @@ def prepare_resume(run_id: str, runs_dir: str | Path | None, ray_address: str | 
     keys_env = record.info.get("keys_passphrase_env")
     check_keys(record.info["keys_dir"], config.nodes, keys_env)
     return ServerJob(
-        run_id=run_id, config=config, delta=record.delta, runs_dir=str(store.root), model_name=record.info["model"], resume_from=last, notes=notes,
+        run_id=run_id, config=config, delta=record.delta, runs_dir=str(store.root), model_name=record.info["model"], resume_from=last, resuming=True, notes=notes,
         keys_dir=record.info["keys_dir"], keys_passphrase_env=keys_env, malicious_clients=record.info.get("malicious_clients", []),
     )
 
@@ -286,7 +286,7 @@ def summarize(store: RunStore, run_id: str) -> dict:
         full = store.ledger_with_interrupted(run_id).values()
         epsilon = max([e for e in [epsilon] if e is not None] + [privacy.epsilon(l, record.delta) for l in full])
         epsilon_rdp = max([e for e in [epsilon_rdp] if e is not None] + [privacy.epsilon(l, record.delta, "rdp") for l in full])
-    client_epsilon = max((r["client_epsilon"] for r in rounds if r["client_epsilon"] is not None), default=None) if client_dp else None
+    client_epsilon, client_epsilon_rdp = store.client_epsilons(run_id) if client_dp else (None, None)
     return {
         "run_id": run_id,
         "status": record.status,
@@ -298,7 +298,7 @@ def summarize(store: RunStore, run_id: str) -> dict:
         "epsilon": epsilon,
         "epsilon_rdp": epsilon_rdp,
         "client_epsilon": client_epsilon,
-        "client_epsilon_rdp": max((r["client_epsilon_rdp"] for r in rounds if r["client_epsilon_rdp"] is not None), default=None) if client_dp else None,
+        "client_epsilon_rdp": client_epsilon_rdp,
         "delta": record.delta if (dp or client_dp) else None,
         "accountant": privacy.HEADLINE_ACCOUNTANT if (dp or client_dp) else None,
         "privacy_unit": ", ".join(u for u, on in ((SAMPLE_UNIT, dp), (CLIENT_UNIT, client_dp)) if on) or None,

@@ -83,6 +83,14 @@ CREATE TABLE IF NOT EXISTS interrupted_spend (
     steps INTEGER,
     resumed_at REAL NOT NULL
 );
+-- Rounds after the last checkpoint that had started when the run was interrupted:
+-- under client-level DP each may have released a noised model, and a resumed run
+-- repeats the round, so each still counts as one release.
+CREATE TABLE IF NOT EXISTS interrupted_releases (
+    run_id TEXT NOT NULL REFERENCES runs(run_id),
+    round INTEGER NOT NULL,
+    resumed_at REAL NOT NULL
+);
 -- Outlier scores of each client's update, per round.
 CREATE TABLE IF NOT EXISTS flags (
     run_id TEXT NOT NULL REFERENCES runs(run_id),
@@ -306,9 +314,39 @@ class RunStore:
                 "INSERT INTO interrupted_spend (run_id, round, client, noise_multiplier, sample_rate, steps, resumed_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 [(run_id, r["round"], r["client"], r["noise_multiplier"], r["sample_rate"], r["steps"], time.time()) for r in rows],
             )
+            conn.execute(
+                "INSERT INTO interrupted_releases (run_id, round, resumed_at) "
+                "SELECT run_id, round, ? FROM rounds WHERE run_id = ? AND round > ? AND client_epsilon IS NOT NULL",
+                (time.time(), run_id, after_round),
+            )
             conn.execute("DELETE FROM client_rounds WHERE run_id = ? AND round > ?", (run_id, after_round))
             conn.execute("DELETE FROM rounds WHERE run_id = ? AND round > ?", (run_id, after_round))
         return rows
+
+    def interrupted_releases(self, run_id: str) -> int:
+        """How many client-level releases interrupted rounds may have made (see the table)."""
+        with self.connect() as conn:
+            row = conn.execute("SELECT COUNT(*) AS n FROM interrupted_releases WHERE run_id = ?", (run_id,)).fetchone()
+        return int(row["n"])
+
+    def client_epsilons(self, run_id: str) -> tuple[float | None, float | None]:
+        """The run's client-level (PRV, RDP) epsilon, interrupted releases included.
+
+        None for a run without client-level DP or before its first round.
+        """
+        rows = [r for r in self.get_rounds(run_id) if r["client_epsilon"] is not None]
+        extra = self.interrupted_releases(run_id)
+        if not extra:
+            if not rows:
+                return None, None
+            return max(r["client_epsilon"] for r in rows), max((r["client_epsilon_rdp"] for r in rows if r["client_epsilon_rdp"] is not None), default=None)
+        from shared import privacy
+
+        record = self.get_run(run_id)
+        config = record.config
+        rate = config.get("client-sample-rate")
+        ledger = [(config["client-noise-multiplier"], rate if rate is not None else config["fraction"], max((r["round"] for r in rows), default=0) + extra)]
+        return privacy.epsilon(ledger, record.delta), privacy.epsilon(ledger, record.delta, "rdp")
 
     def interrupted_spend(self, run_id: str) -> dict[int, list[tuple[float, float, int]]]:
         with self.connect() as conn:

@@ -156,3 +156,40 @@ def test_sigkill_mid_round_then_resume(tmp_path):
     assert fresh["epsilon"] <= resumed["epsilon"] <= fresh["epsilon"] + one_round + 1e-9
     if killed_mid_round:
         assert resumed["epsilon"] > fresh["epsilon"]
+
+
+def test_resuming_a_run_killed_in_round_one_counts_that_round(tmp_path):
+    # Killed after round 1's spend was committed but before its checkpoint: there is
+    # nothing to restart from, yet the clients spent budget and, under client-level DP,
+    # the noised model may have gone out. Both must count in the resumed run.
+    from shared import privacy
+    from shared.config import RunConfig
+    from shared.crypto import init_keys
+    from shared.store import RunStore
+
+    runs = tmp_path / "runs"
+    store = RunStore(runs)
+    config = RunConfig(dataset="digits", clients=3, rounds=1, model="logreg", client_dp=True, delta=1e-5).validate()
+    keys = init_keys(store.run_dir("killed") / "keys", config.nodes)
+    store.create_run("killed", config.to_dict(), info={"model": "logreg", "keys_dir": str(keys)})
+    store.update_run("killed", delta=1e-5)
+    earlier = (1.2, 1 / 27, 27)
+    one_release = [(config.client_noise_multiplier, config.participation_rate, 1)]
+    spend = [{"client": c, "num_examples": 431, "train_loss": 1.0, "epsilon": privacy.epsilon([earlier], 1e-5), "epsilon_rdp": 0.0,
+              "noise_multiplier": earlier[0], "sample_rate": earlier[1], "steps": earlier[2]} for c in range(3)]
+    store.commit_spend("killed", 1, spend, {"epsilon": spend[0]["epsilon"], "client_epsilon": privacy.epsilon(one_release, 1e-5)})
+    store.finish_run("killed", "failed", "killed")
+
+    resumed = run_json("run", "--resume", "killed", runs_dir=runs)
+    assert resumed["status"] == "completed" and resumed["rounds"] == 1
+    conn = sqlite3.connect(runs / "runs.db")
+    rows = conn.execute("SELECT client, epsilon, noise_multiplier, sample_rate, steps FROM client_rounds WHERE run_id = 'killed'").fetchall()
+    assert len(rows) == 3
+    for client, reported, *now in rows:
+        both = privacy.epsilon([earlier, tuple(now)], 1e-5)
+        assert reported == pytest.approx(both, rel=1e-6) and both > privacy.epsilon([tuple(now)], 1e-5), client
+    assert resumed["epsilon"] == pytest.approx(max(r[1] for r in rows), rel=1e-9)
+    two_releases = [(config.client_noise_multiplier, config.participation_rate, 2)]
+    (stored,) = conn.execute("SELECT client_epsilon FROM rounds WHERE run_id = 'killed'").fetchone()
+    assert stored == pytest.approx(privacy.epsilon(two_releases, 1e-5))
+    assert resumed["client_epsilon"] == pytest.approx(stored)

@@ -337,3 +337,21 @@ def test_a_resumed_run_that_fails_at_once_still_reports_the_interrupted_spend(tm
     summary = summarize(store, "r")
     assert summary["epsilon"] == pytest.approx(privacy.epsilon([(1.0, 0.1, 20)], 1e-5)) and summary["epsilon"] > one
     assert summary["epsilon_rdp"] == pytest.approx(privacy.epsilon([(1.0, 0.1, 20)], 1e-5, "rdp"))
+
+
+def test_client_level_epsilon_counts_a_round_set_aside_on_resume(tmp_path):
+    from server.runner import summarize
+    from shared.store import RunStore
+
+    store = RunStore(tmp_path)
+    store.create_run("r", {"dp": False, "client-dp": True, "client-noise-multiplier": 1.0, "client-sample-rate": 0.5, "fraction": 1.0})
+    store.update_run("r", delta=1e-5)
+    releases = lambda t: privacy.epsilon([(1.0, 0.5, t)], 1e-5)  # noqa: E731
+    for rnd in (1, 2):
+        store.commit_spend("r", rnd, [], {"client_epsilon": releases(rnd)})
+        store.record_round("r", rnd, {"accuracy": 0.5, "model_sha256": "x"}, [])
+    store.commit_spend("r", 3, [], {"client_epsilon": releases(3)})  # its noised model may be out; then killed
+    store.set_aside_interrupted("r", after_round=2)
+    assert store.interrupted_releases("r") == 1
+    assert summarize(store, "r")["client_epsilon"] == pytest.approx(releases(3))  # not releases(2)
+    assert summarize(store, "r")["client_epsilon_rdp"] == pytest.approx(privacy.epsilon([(1.0, 0.5, 3)], 1e-5, "rdp"))
