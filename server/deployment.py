@@ -33,7 +33,7 @@ KEYS_PASSPHRASE_ENV_ENV = "FEDAUDIT_KEYS_PASSPHRASE_ENV"
 DEFAULT_REPLY_TIMEOUT = 300.0
 
 # Rows of the run store that make up a run, in the order they are written back.
-TABLES = ("runs", "clients", "rounds", "client_rounds", "interrupted_spend", "flags")
+TABLES = ("runs", "clients", "rounds", "client_rounds", "interrupted_spend", "interrupted_releases", "flags")
 RESULT_FILES = ("audit.jsonl", "audit.jsonl.sig", "model.safetensors", "model.json", "config.toml")
 # A bundle this large would strain Flower's log channel: the model is left on the server.
 MAX_MODEL_BYTES = 4 * 1024 * 1024

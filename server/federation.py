@@ -27,7 +27,7 @@ from shared import __version__
 from shared.auditlog import AuditLog
 from shared.crypto import load_registry, load_server_keys
 from server.strategies import ParticipatingClients, build_strategy
-from shared import privacy
+from shared import planner, privacy
 from shared.config import RunConfig
 from shared.data import prepare
 from shared.evaluation import evaluate, predict_proba
@@ -255,6 +255,37 @@ def run_federation(grid: Grid, job: ServerJob) -> dict:
     return result
 
 
+def _count_unanswered(store: RunStore, job: ServerJob, rnd: int, sent: list[Message], replies: list[Message],
+                      node_client: dict[int, int], latest: dict[int, tuple[float, float]]) -> None:
+    """Count the spend of clients asked to train whose reply never came (timed out).
+
+    Such a client may have trained and sent its update anyway (the SuperLink keeps a late
+    reply), and its own ledger has the spend, but no reply means no ledger row here. So
+    the round's mechanism (the client's last recorded one, else the planned one) is kept
+    with the interrupted spend: epsilon can be over-reported by it, never under-reported.
+    """
+    answered = {r.metadata.src_node_id for r in replies}
+    missing = sorted(node_client[m.metadata.dst_node_id] for m in sent if m.metadata.dst_node_id not in answered)
+    missing = [pid for pid in missing if pid < job.config.clients]
+    if not missing:
+        return
+    c = job.config
+    ledgers = store.ledger(job.run_id)
+    sizes = {row["client"]: row["num_train"] for row in store.get_clients(job.run_id)}
+    rows = []
+    for pid in missing:
+        if ledgers.get(pid):
+            sigma, q, steps = ledgers[pid][-1]
+        else:
+            batches = planner.batches_per_epoch(sizes[pid], c.batch_size)
+            sigma, q, steps = c.noise_multiplier, 1.0 / batches, c.local_epochs * batches
+        rows.append({"round": rnd, "client": pid, "noise_multiplier": sigma, "sample_rate": q, "steps": steps})
+    store.add_interrupted_spend(job.run_id, rows)
+    full = store.ledger_with_interrupted(job.run_id)
+    for pid in missing:
+        latest[pid] = (privacy.epsilon(full[pid], job.delta), privacy.epsilon(full[pid], job.delta, "rdp"))
+
+
 def _run_rounds(grid: Grid, job: ServerJob, log: AuditLog, exchange_key) -> dict:
     c = job.config
     store = RunStore(job.runs_dir)
@@ -346,6 +377,7 @@ def _run_rounds(grid: Grid, job: ServerJob, log: AuditLog, exchange_key) -> dict
                 latest[row["client"]] = (row["epsilon"], row["epsilon_rdp"])
             spend.append(row)
         if c.dp:
+            _count_unanswered(store, job, rnd, train_messages, replies, node_client, latest)
             epsilons["epsilon"] = max((e for e, _ in latest.values()), default=0.0)
             epsilons["epsilon_rdp"] = max((e for _, e in latest.values()), default=0.0)
         store.commit_spend(job.run_id, rnd, spend, epsilons)

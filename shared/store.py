@@ -310,10 +310,7 @@ class RunStore:
                     (run_id, after_round),
                 )
             ]
-            conn.executemany(
-                "INSERT INTO interrupted_spend (run_id, round, client, noise_multiplier, sample_rate, steps, resumed_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [(run_id, r["round"], r["client"], r["noise_multiplier"], r["sample_rate"], r["steps"], time.time()) for r in rows],
-            )
+            self._insert_interrupted(conn, run_id, rows)
             conn.execute(
                 "INSERT INTO interrupted_releases (run_id, round, resumed_at) "
                 "SELECT run_id, round, ? FROM rounds WHERE run_id = ? AND round > ? AND client_epsilon IS NOT NULL",
@@ -322,6 +319,18 @@ class RunStore:
             conn.execute("DELETE FROM client_rounds WHERE run_id = ? AND round > ?", (run_id, after_round))
             conn.execute("DELETE FROM rounds WHERE run_id = ? AND round > ?", (run_id, after_round))
         return rows
+
+    @staticmethod
+    def _insert_interrupted(conn: sqlite3.Connection, run_id: str, rows: list[dict]) -> None:
+        conn.executemany(
+            "INSERT INTO interrupted_spend (run_id, round, client, noise_multiplier, sample_rate, steps, resumed_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [(run_id, r["round"], r["client"], r["noise_multiplier"], r["sample_rate"], r["steps"], time.time()) for r in rows],
+        )
+
+    def add_interrupted_spend(self, run_id: str, rows: list[dict]) -> None:
+        """Keep spend that no ledger row records (a reply that never came) as interrupted spend."""
+        with self.connect() as conn:
+            self._insert_interrupted(conn, run_id, rows)
 
     def interrupted_releases(self, run_id: str) -> int:
         """How many client-level releases interrupted rounds may have made (see the table)."""

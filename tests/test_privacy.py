@@ -355,3 +355,38 @@ def test_client_level_epsilon_counts_a_round_set_aside_on_resume(tmp_path):
     assert store.interrupted_releases("r") == 1
     assert summarize(store, "r")["client_epsilon"] == pytest.approx(releases(3))  # not releases(2)
     assert summarize(store, "r")["client_epsilon_rdp"] == pytest.approx(privacy.epsilon([(1.0, 0.5, 3)], 1e-5, "rdp"))
+
+
+def test_a_client_whose_reply_never_came_still_counts_that_rounds_spend(tmp_path):
+    from types import SimpleNamespace
+
+    from server.federation import ServerJob, _count_unanswered
+    from server.runner import summarize
+    from shared.config import RunConfig
+    from shared.store import RunStore
+
+    store = RunStore(tmp_path)
+    config = RunConfig(dataset="digits", clients=2, rounds=3, batch_size=16, local_epochs=2, noise_multiplier=1.1)
+    store.create_run("r", {"dp": True})
+    store.update_run("r", delta=1e-5)
+    store.record_clients("r", [{"client": c, "num_train": 100, "num_val": 10, "label_histogram": [50, 50]} for c in (0, 1)])
+    job = ServerJob(run_id="r", config=config, delta=1e-5, runs_dir=str(tmp_path), model_name="logreg")
+    one = (1.1, 1 / 7, 14)  # ceil(100 / 16) = 7 batches, two epochs
+    store.commit_spend("r", 1, [{"client": c, "num_examples": 100, "noise_multiplier": 1.1, "sample_rate": 1 / 7, "steps": 14} for c in (0, 1)],
+                       {"epsilon": privacy.epsilon([one], 1e-5)})
+    sent = [SimpleNamespace(metadata=SimpleNamespace(dst_node_id=n)) for n in (11, 12)]
+    latest = {0: (privacy.epsilon([one], 1e-5), 0.0), 1: (privacy.epsilon([one], 1e-5), 0.0)}
+    # Round 2: client 0 replies, client 1's reply never comes.
+    _count_unanswered(store, job, 2, sent, [SimpleNamespace(metadata=SimpleNamespace(src_node_id=11))], {11: 0, 12: 1}, latest)
+    assert store.interrupted_spend("r") == {1: [one]}  # its last recorded mechanism
+    assert latest[1] == (pytest.approx(privacy.epsilon([one, one], 1e-5)), pytest.approx(privacy.epsilon([one, one], 1e-5, "rdp")))
+    assert latest[0][0] == privacy.epsilon([one], 1e-5)  # untouched: its reply will say
+    store.finish_run("r", "failed", "boom")
+    assert summarize(store, "r")["epsilon"] == pytest.approx(privacy.epsilon([one, one], 1e-5))
+    # A client that never replied at all is counted with the planned mechanism.
+    store2 = RunStore(tmp_path / "b")
+    store2.create_run("r", {"dp": True})
+    store2.record_clients("r", [{"client": c, "num_train": 100, "num_val": 10, "label_histogram": [50, 50]} for c in (0, 1)])
+    _count_unanswered(store2, ServerJob(run_id="r", config=config, delta=1e-5, runs_dir=str(tmp_path / "b"), model_name="logreg"),
+                      1, sent, [], {11: 0, 12: 1}, {})
+    assert store2.interrupted_spend("r") == {0: [one], 1: [one]}
