@@ -7,6 +7,7 @@ creates the run in the store, starts the simulation and records how it ended.
 from __future__ import annotations
 
 import importlib
+import math
 import os
 import time
 import traceback
@@ -287,6 +288,14 @@ def summarize(store: RunStore, run_id: str) -> dict:
         epsilon = max([e for e in [epsilon] if e is not None] + [privacy.epsilon(l, record.delta) for l in full])
         epsilon_rdp = max([e for e in [epsilon_rdp] if e is not None] + [privacy.epsilon(l, record.delta, "rdp") for l in full])
     client_epsilon, client_epsilon_rdp = store.client_epsilons(run_id) if client_dp else (None, None)
+    accountant = privacy.HEADLINE_ACCOUNTANT if (dp or client_dp) else None
+    notes = list(record.info.get("notes", []))
+    # PRV gives up (infinity) on huge spends where RDP still bounds epsilon; both are
+    # valid upper bounds, and JSON would print infinity as null, which means "no DP".
+    if any(e is not None and not math.isfinite(e) for e in (epsilon, client_epsilon)):
+        epsilon, client_epsilon = (e if e is None or math.isfinite(e) else r for e, r in ((epsilon, epsilon_rdp), (client_epsilon, client_epsilon_rdp)))
+        accountant = "rdp"
+        notes.append("the PRV accountant could not bound epsilon (it is huge); the RDP bound is reported instead")
     return {
         "run_id": run_id,
         "status": record.status,
@@ -300,13 +309,13 @@ def summarize(store: RunStore, run_id: str) -> dict:
         "client_epsilon": client_epsilon,
         "client_epsilon_rdp": client_epsilon_rdp,
         "delta": record.delta if (dp or client_dp) else None,
-        "accountant": privacy.HEADLINE_ACCOUNTANT if (dp or client_dp) else None,
+        "accountant": accountant,
         "privacy_unit": ", ".join(u for u, on in ((SAMPLE_UNIT, dp), (CLIENT_UNIT, client_dp)) if on) or None,
         "noise_multiplier": record.config.get("noise-multiplier") if dp else None,
         "client_noise_multiplier": record.config.get("client-noise-multiplier") if client_dp else None,
         "max_epsilon": cap,
         "budget_left": _budget_left(cap, epsilon, client_epsilon),
-        "notes": record.info.get("notes", []),
+        "notes": notes,
         "encrypted": record.config.get("encrypt", True),
         "audit_log": str(store.run_dir(run_id) / "audit.jsonl"),
         "clients_trained": len(ledger),

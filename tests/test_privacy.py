@@ -390,3 +390,17 @@ def test_a_client_whose_reply_never_came_still_counts_that_rounds_spend(tmp_path
     _count_unanswered(store2, ServerJob(run_id="r", config=config, delta=1e-5, runs_dir=str(tmp_path / "b"), model_name="logreg"),
                       1, sent, [], {11: 0, 12: 1}, {})
     assert store2.interrupted_spend("r") == {0: [one], 1: [one]}
+
+
+def test_an_unbounded_prv_epsilon_reports_the_rdp_bound_not_null(tmp_path):
+    from server.runner import summarize
+    from shared.store import RunStore
+
+    huge = [(0.5, 1.0, 1000)]  # PRV returns inf here (after about a minute), RDP a finite bound
+    store = RunStore(tmp_path)
+    store.create_run("r", {"dp": True})
+    store.update_run("r", delta=1e-5)
+    store.commit_spend("r", 1, [], {"epsilon": float("inf"), "epsilon_rdp": privacy.epsilon(huge, 1e-5, "rdp")})
+    summary = summarize(store, "r")
+    assert summary["epsilon"] == summary["epsilon_rdp"] == privacy.epsilon(huge, 1e-5, "rdp")
+    assert summary["accountant"] == "rdp" and "RDP bound is reported" in summary["notes"][-1]
