@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from shared.auditlog import VerifyResult, verify_log
@@ -14,7 +15,10 @@ def verify_run(store: RunStore, run_id: str, keys_dir: str | Path | None = None)
     """Check every entry's hash chain and the signed head of ``<run>/audit.jsonl``.
 
     The public key comes from the key registry the run used (or ``keys_dir``), never
-    from the log itself.
+    from the log itself. The signature must be for this run's id, the log must start
+    with this run's ``run-start``, and a run the store shows as ended must have a log
+    that ends with ``run-end``: an older signed head of the same log (a rollback) then
+    does not pass for the whole run.
     """
     record = store.get_run(run_id)
     path = store.run_dir(run_id) / "audit.jsonl"
@@ -23,4 +27,12 @@ def verify_run(store: RunStore, run_id: str, keys_dir: str | Path | None = None)
     keys = keys_dir or record.info.get("keys_dir")
     if not keys:
         raise BadInput(f"run {run_id} does not say which keys signed its log; pass --keys DIR")
-    return verify_log(path, load_registry(keys).server_ed25519)
+    result = verify_log(path, load_registry(keys).server_ed25519, run_id)
+    if not result.ok:
+        return result
+    entries = [json.loads(line) for line in path.read_bytes().splitlines()]
+    if not entries or entries[0]["kind"] != "run-start" or entries[0]["payload"].get("run_id") != run_id:
+        return VerifyResult(False, 0, 1, f"the log does not start with run {run_id}'s run-start entry")
+    if record.status != "running" and entries[-1]["kind"] != "run-end":
+        return VerifyResult(False, len(entries), len(entries) + 1, f"the run ended ({record.status}) but its log stops before run-end (cut back to an older signed head?)")
+    return result

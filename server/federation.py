@@ -226,10 +226,10 @@ def run_federation(grid: Grid, job: ServerJob) -> dict:
     exchange_key, signing_key = load_server_keys(job.keys_dir, job.keys_passphrase_env)
     path = RunStore(job.runs_dir).run_dir(job.run_id) / "audit.jsonl"
     if job.resume_from or path.exists():
-        log = AuditLog.open_existing(path, signing_key)
+        log = AuditLog.open_existing(path, signing_key, job.run_id)
         log.append("run-resume", {"run_id": job.run_id, "after_round": job.resume_from})
     else:
-        log = AuditLog(path, signing_key)
+        log = AuditLog(path, signing_key, job.run_id)
         # Read from package metadata: importing opacus here would spend ~1.5 s of CPU
         # while the client actors are starting on the same cores.
         from importlib.metadata import version

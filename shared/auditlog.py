@@ -9,7 +9,9 @@ previous line's bytes (without its newline; 64 zeros for the first entry) and ``
 is the SHA-256 of the entry's canonical JSON without the ``hash`` field. Editing,
 inserting, deleting or reordering lines therefore breaks the chain. Cutting entries off
 the end keeps the chain intact, so after every append the head (last ``seq`` and
-``hash``) is signed with the server's Ed25519 key into the sidecar ``<log>.sig``.
+``hash``) is signed with the server's Ed25519 key into the sidecar ``<log>.sig``. The
+signature also covers the log's id (the run id), so one run's log and signature do not
+verify as another run's made with the same key.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from shared.crypto import write_atomic
 from shared.errors import BadInput
 
 GENESIS = "0" * 64
-HEAD_DOMAIN = b"fedaudit-audit-head-v1\n"
+HEAD_DOMAIN = b"fedaudit-audit-head-v2\n"
 ENTRY_FIELDS = frozenset({"seq", "time", "kind", "payload", "prev", "hash"})
 SIG_FIELDS = frozenset({"seq", "hash", "signature"})
 
@@ -48,9 +50,9 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _head_message(seq: int, head_hash: str) -> bytes:
+def _head_message(log_id: str, seq: int, head_hash: str) -> bytes:
     # The domain prefix keeps this signature from being valid for any other message.
-    return HEAD_DOMAIN + canonical({"seq": seq, "hash": head_hash})
+    return HEAD_DOMAIN + canonical({"log": log_id, "seq": seq, "hash": head_hash})
 
 
 @dataclass(frozen=True)
@@ -85,20 +87,22 @@ class AuditLog:
         Log file to create; it must not exist yet.
     signing_key
         The server's Ed25519 key, used to sign the head after every append.
+    log_id
+        What the log belongs to (the run id); signed with every head.
     """
 
-    def __init__(self, path: str | os.PathLike[str], signing_key: Ed25519PrivateKey) -> None:
+    def __init__(self, path: str | os.PathLike[str], signing_key: Ed25519PrivateKey, log_id: str = "") -> None:
         path = Path(path)
         try:
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
         except FileExistsError:
             raise BadInput(f"audit log {path} already exists; resume it with AuditLog.open_existing") from None
-        self._attach(path, signing_key, seq=0, prev=GENESIS, head=GENESIS, size=0)
+        self._attach(path, signing_key, log_id, seq=0, prev=GENESIS, head=GENESIS, size=0)
         # Signing the empty head means a log emptied later is caught as truncated.
         self._sign()
 
     @classmethod
-    def open_existing(cls, path: str | os.PathLike[str], signing_key: Ed25519PrivateKey) -> AuditLog:
+    def open_existing(cls, path: str | os.PathLike[str], signing_key: Ed25519PrivateKey, log_id: str = "") -> AuditLog:
         """Continue appending to an existing log after verifying it in full.
 
         Raises
@@ -107,17 +111,18 @@ class AuditLog:
             If the log does not verify against ``signing_key``'s public key.
         """
         path = Path(path)
-        result, state = _verify(path, signing_key.public_key())
+        result, state = _verify(path, signing_key.public_key(), log_id)
         if state is None:
             raise BadInput(f"cannot resume audit log {path}: {result.reason}")
         prev, head, size = state
         log = cls.__new__(cls)
-        log._attach(path, signing_key, seq=result.entries, prev=prev, head=head, size=size)
+        log._attach(path, signing_key, log_id, seq=result.entries, prev=prev, head=head, size=size)
         return log
 
-    def _attach(self, path: Path, key: Ed25519PrivateKey, *, seq: int, prev: str, head: str, size: int) -> None:
+    def _attach(self, path: Path, key: Ed25519PrivateKey, log_id: str, *, seq: int, prev: str, head: str, size: int) -> None:
         self.path = path
         self._key = key
+        self._log_id = log_id
         self._seq = seq
         self._prev = prev  # SHA-256 of the last line
         self._head = head  # hash field of the last entry
@@ -174,7 +179,7 @@ class AuditLog:
         return stored
 
     def _sign(self) -> None:
-        signature = self._key.sign(_head_message(self._seq, self._head))
+        signature = self._key.sign(_head_message(self._log_id, self._seq, self._head))
         record = {"seq": self._seq, "hash": self._head, "signature": signature.hex()}
         write_atomic(sig_path(self.path), canonical(record) + b"\n")
 
@@ -204,7 +209,7 @@ def _check_line(line: bytes, n: int, prev: str) -> tuple[dict | None, str]:
     return entry, ""
 
 
-def _check_sig(path: Path, public_key: Ed25519PublicKey) -> tuple[int, str] | str:
+def _check_sig(path: Path, public_key: Ed25519PublicKey, log_id: str) -> tuple[int, str] | str:
     """Return the signed (seq, hash), or a one-line reason why the sidecar is not valid."""
     try:
         raw = path.read_bytes()
@@ -232,13 +237,13 @@ def _check_sig(path: Path, public_key: Ed25519PublicKey) -> tuple[int, str] | st
     if signature.hex() != record["signature"]:
         return malformed
     try:
-        public_key.verify(signature, _head_message(record["seq"], record["hash"]))
+        public_key.verify(signature, _head_message(log_id, record["seq"], record["hash"]))
     except InvalidSignature:
-        return f"signature in {path} does not verify with the given public key"
+        return f"signature in {path} does not verify with the given public key for log {log_id!r} (wrong key, or another run's log)"
     return record["seq"], record["hash"]
 
 
-def _verify(path: Path, public_key: Ed25519PublicKey) -> tuple[VerifyResult, tuple[str, str, int] | None]:
+def _verify(path: Path, public_key: Ed25519PublicKey, log_id: str) -> tuple[VerifyResult, tuple[str, str, int] | None]:
     """Verify ``path``; if ok, also return the last line's SHA-256, the head hash and the size."""
 
     def bad(entries: int, first_bad: int | None, reason: str) -> tuple[VerifyResult, None]:
@@ -260,7 +265,7 @@ def _verify(path: Path, public_key: Ed25519PublicKey) -> tuple[VerifyResult, tup
     if tail:
         return bad(count, count + 1, f"line {count + 1}: truncated (no final newline)")
 
-    signed = _check_sig(sig_path(path), public_key)
+    signed = _check_sig(sig_path(path), public_key, log_id)
     if isinstance(signed, str):
         return bad(count, None, signed)
     signed_seq, signed_hash = signed
@@ -273,11 +278,11 @@ def _verify(path: Path, public_key: Ed25519PublicKey) -> tuple[VerifyResult, tup
     return VerifyResult(True, count, None, f"{count} entries verified"), (prev, head, len(data))
 
 
-def verify_log(path: str | os.PathLike[str], public_key: Ed25519PublicKey) -> VerifyResult:
+def verify_log(path: str | os.PathLike[str], public_key: Ed25519PublicKey, log_id: str = "") -> VerifyResult:
     """Check every entry of the log at ``path`` and its signed head against ``public_key``.
 
     Detects any changed byte, deleted, inserted or reordered entries, a cut-off last
     line, entries missing from (or added after) the signed head, and a missing or bad
     signature file. Never raises for a damaged log; the result says what is wrong.
     """
-    return _verify(Path(path), public_key)[0]
+    return _verify(Path(path), public_key, log_id)[0]

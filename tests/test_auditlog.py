@@ -242,3 +242,61 @@ def test_outside_change_stops_appends(tmp_path):
         f.write(b"junk\n")
     with pytest.raises(RuntimeError, match="changed since it was opened"):
         log.append("round", {})
+
+
+# ----------------------------------------------------------------------------- bound to its run
+
+
+def test_a_log_signed_for_one_id_does_not_verify_as_another(tmp_path):
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path, KEY, "run-a")
+    log.append("run-start", {"run_id": "run-a"})
+    assert verify_log(path, PUB, "run-a").ok
+    result = verify_log(path, PUB, "run-b")
+    assert not result.ok and "another run's log" in result.reason
+    with pytest.raises(BadInput, match="cannot resume"):
+        AuditLog.open_existing(path, KEY, "run-b")
+
+
+def _two_runs_with_one_key(tmp_path):
+    from shared.crypto import init_keys, load_server_keys
+    from shared.store import RunStore
+
+    store = RunStore(tmp_path / "runs")
+    keys = init_keys(tmp_path / "keys", 2)
+    _, signing = load_server_keys(str(keys), None)
+    logs = {}
+    for run_id in ("run-a", "run-b"):
+        store.create_run(run_id, {}, info={"keys_dir": str(keys)})
+        store.run_dir(run_id).mkdir(parents=True, exist_ok=True)
+        log = AuditLog(store.run_dir(run_id) / "audit.jsonl", signing, run_id)
+        log.append("run-start", {"run_id": run_id})
+        log.append("round", {"round": 1})
+        logs[run_id] = log
+    return store, logs
+
+
+def test_verify_run_rejects_another_runs_log_and_signature(tmp_path):
+    from audit.verify import verify_run
+
+    store, _ = _two_runs_with_one_key(tmp_path)
+    assert verify_run(store, "run-b").ok
+    for name in ("audit.jsonl", "audit.jsonl.sig"):
+        (store.run_dir("run-b") / name).write_bytes((store.run_dir("run-a") / name).read_bytes())
+    assert not verify_run(store, "run-b").ok
+
+
+def test_verify_run_rejects_an_ended_run_whose_log_was_cut_back_to_an_older_signed_head(tmp_path):
+    from audit.verify import verify_run
+
+    store, logs = _two_runs_with_one_key(tmp_path)
+    path = store.run_dir("run-a") / "audit.jsonl"
+    older = path.read_bytes(), sig_path(path).read_bytes()  # a copy an attacker kept
+    logs["run-a"].append("round", {"round": 2})
+    logs["run-a"].append("run-end", {"status": "completed"})
+    store.finish_run("run-a", "completed", None)
+    assert verify_run(store, "run-a").ok
+    path.write_bytes(older[0])
+    sig_path(path).write_bytes(older[1])
+    result = verify_run(store, "run-a")
+    assert not result.ok and "stops before run-end" in result.reason

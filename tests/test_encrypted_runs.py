@@ -57,7 +57,7 @@ def test_every_rejection_is_excluded_logged_and_the_run_finishes(tampered_run):
         honest = {0, 6} | ({2} if rnd == 1 else set())
         assert set(entry["payload"]["participants"]) == honest  # the rejected are excluded
     registry = load_registry(job.keys_dir)
-    assert verify_log(Path(runs) / job.run_id / "audit.jsonl", registry.server_ed25519).ok
+    assert verify_log(Path(runs) / job.run_id / "audit.jsonl", registry.server_ed25519, job.run_id).ok
 
 
 def test_too_few_valid_replies_fails_the_run_but_keeps_earlier_rounds(tmp_path):
@@ -72,7 +72,7 @@ def test_too_few_valid_replies_fails_the_run_but_keeps_earlier_rounds(tmp_path):
     assert conn.execute("SELECT COUNT(*) FROM client_rounds WHERE round = 1 AND steps > 0").fetchone()[0] == 3
     entries = _log(tmp_path / job.run_id)
     assert entries[-1]["kind"] == "run-end" and entries[-1]["payload"]["status"] == "failed"
-    assert verify_log(tmp_path / job.run_id / "audit.jsonl", load_registry(job.keys_dir).server_ed25519).ok
+    assert verify_log(tmp_path / job.run_id / "audit.jsonl", load_registry(job.keys_dir).server_ed25519, job.run_id).ok
 
 
 def test_encrypted_and_plain_runs_reach_the_same_accuracy(nonprivate_run, nonprivate_rerun):
@@ -93,13 +93,15 @@ def real_log(private_run):
     path = Path(private_run["run_dir"]) / "audit.jsonl"
     keys = json.loads(sqlite3.connect(Path(private_run["run_dir"]).parent / "runs.db").execute(
         "SELECT info FROM runs WHERE run_id = ?", (private_run["run_id"],)).fetchone()[0])["keys_dir"]
-    return path.read_bytes(), Path(str(path) + ".sig").read_bytes(), load_registry(keys).server_ed25519
+    public_key = load_registry(keys).server_ed25519
+    assert verify_log(path, public_key, private_run["run_id"]).ok  # so the failures below are the edits'
+    return path.read_bytes(), Path(str(path) + ".sig").read_bytes(), public_key, private_run["run_id"]
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_verify_catches_every_single_byte_change_of_a_real_log(real_log, tmp_path_factory, data):
-    original, signature, public_key = real_log
+    original, signature, public_key, run_id = real_log
     position = data.draw(st.integers(0, len(original) - 1))
     byte = data.draw(st.integers(0, 255).filter(lambda b: b != original[position]))
     path = tmp_path_factory.mktemp("edit") / "audit.jsonl"
@@ -107,15 +109,15 @@ def test_verify_catches_every_single_byte_change_of_a_real_log(real_log, tmp_pat
     edited[position] = byte
     path.write_bytes(bytes(edited))
     Path(str(path) + ".sig").write_bytes(signature)
-    assert not verify_log(path, public_key).ok
+    assert not verify_log(path, public_key, run_id).ok
 
 
 def test_verify_catches_truncation_of_a_real_log(real_log, tmp_path):
-    original, signature, public_key = real_log
+    original, signature, public_key, run_id = real_log
     (tmp_path / "audit.jsonl.sig").write_bytes(signature)
     for cut in range(0, len(original), 37):
         (tmp_path / "audit.jsonl").write_bytes(original[:cut])
-        assert not verify_log(tmp_path / "audit.jsonl", public_key).ok
+        assert not verify_log(tmp_path / "audit.jsonl", public_key, run_id).ok
 
 
 def test_key_files_are_private_and_a_wrong_passphrase_is_exit_2(tmp_path, monkeypatch):
