@@ -369,15 +369,39 @@ def membership_inference(
     }
 
 
+def member_clients(run: StoredRun) -> list[int]:
+    """The clients whose training records the final model was trained on.
+
+    That is the clients whose update was accepted in at least one round (the audit log's
+    ``participants``), less the malicious clients (their updates were not honest
+    training on their records) and the nodes that trained on their own files (records
+    the server's data spec does not hold). Counting a client that never took part as a
+    member would make the model look more private than it is.
+    """
+    import json
+
+    clients = set(range(run.config.clients))
+    log = run.model_path.parent / "audit.jsonl"
+    if log.exists():
+        entries = [json.loads(line) for line in log.read_bytes().splitlines()]
+        clients = {int(c) for e in entries if e["kind"] == "round" for c in e["payload"].get("participants", [])} & clients
+    info = run.record.info
+    return sorted(clients - set(info.get("malicious_clients", [])) - set(info.get("own_data_clients", [])))
+
+
 def run_records(run: StoredRun) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """A stored run's members (all clients' training records) and non-members (server test
-    split plus every client's validation split)."""
-    parts = [client_data(run.spec, pid) for pid in range(run.config.clients)]
+    """A stored run's members (the training records of :func:`member_clients`) and
+    non-members (server test split plus the validation splits of every client whose
+    records the server's data spec holds)."""
+    own_data = set(run.record.info.get("own_data_clients", []))
+    parts = {pid: client_data(run.spec, pid) for pid in range(run.config.clients) if pid not in own_data}
+    members = member_clients(run)
     data = run.data
-    x_m = np.concatenate([p.x_train for p in parts])
-    y_m = np.concatenate([p.y_train for p in parts])
-    x_n = np.concatenate([data.x_test, *[p.x_val for p in parts]])
-    y_n = np.concatenate([data.y_test, *[p.y_val for p in parts]])
+    width = data.x_test.shape[1]
+    x_m = np.concatenate([parts[p].x_train for p in members]) if members else np.zeros((0, width), np.float32)
+    y_m = np.concatenate([parts[p].y_train for p in members]) if members else np.zeros(0, np.int64)
+    x_n = np.concatenate([data.x_test, *[p.x_val for p in parts.values()]])
+    y_n = np.concatenate([data.y_test, *[p.y_val for p in parts.values()]])
     return x_m, y_m, x_n, y_n
 
 
@@ -390,7 +414,8 @@ def audit_membership(run: StoredRun, delta: float | None, reference_models: int 
     x_m, y_m, x_n, y_n = run_records(run)
     # Malicious clients' corrupted updates are not reproduced by the references.
     recipe = Recipe.from_run(run)
-    return membership_inference(
+    result = membership_inference(
         run.model, x_m, y_m, x_n, y_n, delta=delta if delta else 1e-5, recipe=recipe,
         reference_models=reference_models, seed=run.config.seed,
     )
+    return {**result, "member_clients": member_clients(run)}

@@ -120,6 +120,9 @@ def describe(msg: Message, context: Context, canaries: CanarySecret | None = Non
             "num-val": len(data.y_val),
             "label-histogram": label_histogram(data.y_train, meta.num_classes),
             "ledger-steps": sum(n for _, _, n in read_ledger(context)),
+            # The audit rebuilds members from the server's data spec, which a node's own
+            # files are not part of.
+            "own-data": int(bool(context.node_config.get(NODE_DATA_DIR, ""))),
         },
     )
 

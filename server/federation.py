@@ -150,7 +150,7 @@ def describe_clients(grid: Grid, job: ServerJob, base: ConfigRecord) -> dict[int
     failed = [r for r in replies if r.has_error()]
     if failed:
         raise FederationError(f"{len(failed)} client(s) failed to describe themselves: {failed[0].error.reason}")
-    node_of, summaries = {}, []
+    node_of, summaries, own_data = {}, [], []
     for reply in replies:
         m = _metrics(reply)
         pid = int(m[PARTITION_ID])
@@ -163,9 +163,13 @@ def describe_clients(grid: Grid, job: ServerJob, base: ConfigRecord) -> dict[int
         if pid >= job.config.clients:
             continue
         summaries.append({"client": pid, "num_train": int(m[NUM_EXAMPLES]), "num_val": int(m["num-val"]), "label_histogram": list(m["label-histogram"])})
+        if m.get("own-data", 0):
+            own_data.append(pid)
     summaries.sort(key=lambda s: s["client"])
     check_sizes(job, [s["num_train"] for s in summaries])
-    RunStore(job.runs_dir).record_clients(job.run_id, summaries)
+    store = RunStore(job.runs_dir)
+    store.record_clients(job.run_id, summaries)
+    store.update_run(job.run_id, info={"own_data_clients": sorted(own_data)})
     if job.on_clients:
         job.on_clients(summaries)
     return node_of

@@ -152,3 +152,31 @@ def test_the_overfit_configuration_also_leaks_its_canaries(noisy_digits, noisy_d
     assert res["mia_auc"] > 0.6, res["attacks"]
     assert not canaries["scanned"]
     assert canaries["epsilon_lower_bound"] > 1.0, canaries
+
+
+def test_members_are_only_clients_that_took_part_honestly_on_the_specs_records(tmp_path):
+    import json
+    from types import SimpleNamespace
+
+    from audit.mia import member_clients, run_records
+    from shared.config import RunConfig
+    from shared.data import client_data
+
+    config = RunConfig(dataset="breast-cancer", clients=5, rounds=2)
+    log = tmp_path / "audit.jsonl"
+    rounds = [{"round": 1, "participants": [0, 1]}, {"round": 2, "participants": [1, 3, 7]}]  # 7: a canary client
+    log.write_text("".join(json.dumps({"kind": k, "payload": p}) + "\n" for k, p in
+                           [("run-start", {}), *[("round", r) for r in rounds], ("run-end", {})]))
+    run = SimpleNamespace(config=config, spec=config.data_spec, model_path=tmp_path / "model.safetensors",
+                          record=SimpleNamespace(info={"malicious_clients": [3], "own_data_clients": [4]}))
+    from shared.data import prepare
+
+    run.data = prepare(config.data_spec)
+    # Client 2 was never sampled, 3 is malicious, 4 trained on its own files.
+    assert member_clients(run) == [0, 1]
+    x_m, y_m, x_n, y_n = run_records(run)
+    parts = [client_data(config.data_spec, p) for p in range(5)]
+    assert len(y_m) == len(parts[0].y_train) + len(parts[1].y_train)
+    assert len(y_n) == len(run.data.y_test) + sum(len(parts[p].y_val) for p in range(4))
+    log.unlink()  # no log: every client that is neither malicious nor on its own data
+    assert member_clients(run) == [0, 1, 2]
