@@ -9,6 +9,7 @@ The spend is committed before the new global model exists anywhere else.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -219,6 +220,8 @@ def restore_ledgers(grid: Grid, job: ServerJob, node_of: dict[int, int], ledgers
 # of a core.
 SIMULATION_PULL_INTERVAL = 0.005
 
+_logger = logging.getLogger(__name__)
+
 
 def run_federation(grid: Grid, job: ServerJob) -> dict:
     """Run ``job`` on ``grid`` and keep its signed audit log (``audit.jsonl``).
@@ -257,6 +260,14 @@ def run_federation(grid: Grid, job: ServerJob) -> dict:
         raise
     log.append("run-end", {"status": result["status"], "accuracy": finite_or_none(result["accuracy"]), "rounds": result["rounds"]})
     return result
+
+
+def _claims_its_own_id(reply: Message, node_client: dict[int, int]) -> bool:
+    claimed = int(_metrics(reply)[PARTITION_ID])
+    if node_client.get(reply.metadata.src_node_id) == claimed:
+        return True
+    _logger.warning("dropped a reply from node %s claiming to be client %s", reply.metadata.src_node_id, claimed)
+    return False
 
 
 def _count_unanswered(store: RunStore, job: ServerJob, rnd: int, sent: list[Message], replies: list[Message],
@@ -362,7 +373,9 @@ def _run_rounds(grid: Grid, job: ServerJob, log: AuditLog, exchange_key) -> dict
 
         train_messages = list(strategy.configure_train(rnd, arrays, ConfigRecord(dict(base)), grid))
         replies = list(grid.send_and_receive(train_messages, timeout=job.timeout))
-        good = sorted((r for r in replies if not r.has_error()), key=lambda r: _metrics(r)[PARTITION_ID])
+        # A reply is filed under the client its node said it was at describe time; a
+        # reply claiming another partition id would move spend and flags between clients.
+        good = sorted((r for r in replies if not r.has_error() and _claims_its_own_id(r, node_client)), key=lambda r: _metrics(r)[PARTITION_ID])
         trained = [r for r in good if not _metrics(r).get("refused", 0)]
         if replies and not good:
             reasons = "; ".join(sorted({r.error.reason.splitlines()[0] for r in replies if r.has_error()}))
@@ -381,7 +394,8 @@ def _run_rounds(grid: Grid, job: ServerJob, log: AuditLog, exchange_key) -> dict
                 latest[row["client"]] = (row["epsilon"], row["epsilon_rdp"])
             spend.append(row)
         if c.dp:
-            _count_unanswered(store, job, rnd, train_messages, replies, node_client, latest)
+            # A dropped reply counts as unanswered: its client spent, but no row says so.
+            _count_unanswered(store, job, rnd, train_messages, [r for r in replies if r.has_error()] + good, node_client, latest)
             epsilons["epsilon"] = max((e for e, _ in latest.values()), default=0.0)
             epsilons["epsilon_rdp"] = max((e for _, e in latest.values()), default=0.0)
         store.commit_spend(job.run_id, rnd, spend, epsilons)

@@ -404,3 +404,18 @@ def test_an_unbounded_prv_epsilon_reports_the_rdp_bound_not_null(tmp_path):
     summary = summarize(store, "r")
     assert summary["epsilon"] == summary["epsilon_rdp"] == privacy.epsilon(huge, 1e-5, "rdp")
     assert summary["accountant"] == "rdp" and "RDP bound is reported" in summary["notes"][-1]
+
+
+def test_a_reply_claiming_another_clients_id_is_dropped():
+    from types import SimpleNamespace
+
+    from server.federation import _claims_its_own_id
+    from shared.protocol import METRICS_KEY, PARTITION_ID
+
+    def reply(node, pid):
+        return SimpleNamespace(metadata=SimpleNamespace(src_node_id=node), content={METRICS_KEY: {PARTITION_ID: pid}})
+
+    node_client = {11: 0, 12: 1}
+    assert _claims_its_own_id(reply(11, 0), node_client)
+    assert not _claims_its_own_id(reply(12, 0), node_client)  # node of client 1 files as client 0
+    assert not _claims_its_own_id(reply(99, 0), node_client)  # a node nobody described
