@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import tomllib
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -21,6 +22,9 @@ STRATEGIES = ("fedavg", "fedprox", "fedadam")
 AGGREGATORS = ("fedavg", "median", "trimmed-mean", "krum", "multikrum", "bulyan")
 ATTACKS = ("sign-flip", "label-flip", "gaussian", "scale")
 OPTIMIZERS = ("sgd", "adam")
+MAX_ROUNDS = 100_000
+MAX_SYNTHETIC_SAMPLES = 10_000_000
+MAX_SYNTHETIC_FEATURES = 100_000
 
 
 @dataclass(frozen=True)
@@ -138,6 +142,14 @@ class RunConfig:
             raise BadInput(f"unknown aggregator {self.aggregator!r}; choose one of {', '.join(AGGREGATORS)}")
         if self.attack not in ATTACKS:
             raise BadInput(f"unknown attack {self.attack!r}; choose one of {', '.join(ATTACKS)}")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise BadInput(f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
+        if self.clients < 1:
+            raise BadInput(f"--clients must be >= 1, got {self.clients}")
+        if not (0.0 < self.fraction <= 1.0):
+            raise BadInput(f"--fraction must be in (0, 1], got {self.fraction}")
         if not (0 <= self.malicious < self.clients):
             raise BadInput(f"--malicious must be in [0, --clients), got {self.malicious}")
         if self.aggregator != "fedavg" and self.strategy == "fedadam":
@@ -153,16 +165,20 @@ class RunConfig:
             raise BadInput(f"--min-replies {self.min_replies} is more than --clients {self.clients}")
         if self.rounds < 1:
             raise BadInput(f"--rounds must be >= 1, got {self.rounds}")
-        if self.clients < 1:
-            raise BadInput(f"--clients must be >= 1, got {self.clients}")
         if self.local_epochs < 1:
             raise BadInput(f"--local-epochs must be >= 1, got {self.local_epochs}")
         if self.batch_size < 1:
             raise BadInput(f"--batch-size must be >= 1, got {self.batch_size}")
         if not self.lr > 0:
             raise BadInput(f"--lr must be > 0, got {self.lr}")
-        if not (0.0 < self.fraction <= 1.0):
-            raise BadInput(f"--fraction must be in (0, 1], got {self.fraction}")
+        if self.proximal_mu < 0:
+            raise BadInput(f"--proximal-mu must be >= 0, got {self.proximal_mu}")
+        if not self.server_lr > 0:
+            raise BadInput(f"--server-lr must be > 0, got {self.server_lr}")
+        # Far beyond any real run; past them the accountants and arrays blow up instead.
+        for flag, value, limit in (("--rounds", self.rounds, MAX_ROUNDS), ("--samples", self.samples, MAX_SYNTHETIC_SAMPLES), ("--features", self.features, MAX_SYNTHETIC_FEATURES)):
+            if value > limit:
+                raise BadInput(f"{flag} must be <= {limit:,}, got {value:,}")
         if not self.cpus_per_client > 0:
             raise BadInput(f"--cpus-per-client must be > 0, got {self.cpus_per_client}")
         if not (0.0 < self.eval_fraction <= 1.0):
@@ -241,18 +257,37 @@ def load_toml(path: str | Path) -> dict[str, Any]:
 def resolve(config_file: str | Path | None = None, **overrides: Any) -> RunConfig:
     """Defaults, then the TOML file, then flags that were actually given (not None)."""
     values: dict[str, Any] = load_toml(config_file) if config_file else {}
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    if values.get("data") and "dataset" not in overrides and "dataset" not in values:
-        values["dataset"] = None
+    given = {k: v for k, v in overrides.items() if v is not None}
+    # --data and --dataset name one thing: a flag for either replaces the file's choice.
+    if "data" in given and "dataset" not in given:
+        values.pop("dataset", None)
+    if "dataset" in given and "data" not in given:
+        values.pop("data", None)
+    values.update(given)
     types = {f.name: f.type for f in fields(RunConfig)}
     for key, value in values.items():
         if key not in types:
             raise BadInput(f"unknown setting {key!r}")
-        expected = types[key]
-        if "float" in expected and isinstance(value, int) and not isinstance(value, bool):
-            values[key] = float(value)
-        elif "int" in expected and "float" not in expected and not isinstance(value, int):
-            raise BadInput(f"setting {key.replace('_', '-')} must be an integer, got {value!r}")
-        elif "bool" in expected and not isinstance(value, bool):
-            raise BadInput(f"setting {key.replace('_', '-')} must be true or false, got {value!r}")
+        values[key] = _typed(key, value, types[key])
     return replace(RunConfig(), **values).validate()
+
+
+def _typed(key: str, value: Any, expected: str) -> Any:
+    """``value`` checked against the field's annotation (a TOML file can hold anything)."""
+    name = key.replace("_", "-")
+    base = expected.replace(" | None", "")
+    if value is None and base != expected:
+        return value
+    if base == "bool":
+        if not isinstance(value, bool):
+            raise BadInput(f"setting {name} must be true or false, got {value!r}")
+    elif base == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise BadInput(f"setting {name} must be an integer, got {value!r}")
+    elif base == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise BadInput(f"setting {name} must be a number, got {value!r}")
+        return float(value)
+    elif base == "str" and not isinstance(value, str):
+        raise BadInput(f"setting {name} must be a string, got {value!r}")
+    return value

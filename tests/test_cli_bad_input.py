@@ -24,6 +24,9 @@ def csvs(tmp_path):
     good.head(5).to_csv(tmp_path / "tiny.csv", index=False)
     (tmp_path / "garbage.toml").write_text("rounds = = 3\n[[[")
     (tmp_path / "unknown.toml").write_text("rounds = 2\nwarp-speed = 9\n")
+    for name, line in {"sigma-text": 'noise-multiplier = "abc"', "sigma-list": "noise-multiplier = [1.0]", "partition-int": "partition = 3",
+                       "clients-bool": "clients = true", "data-int": "data = 5"}.items():
+        (tmp_path / f"{name}.toml").write_text(line + "\n")
     return tmp_path
 
 
@@ -48,6 +51,16 @@ CASES = {
     "missing config": (["--config", "{d}/absent.toml"], "config file not found"),
     "unknown config keys": (["--config", "{d}/unknown.toml"], "unknown key(s) in config file"),
     "bad partition": (["--partition", "zipf"], "unknown partition"),
+    "fraction nan": (["--fraction", "nan"], "--fraction must be a finite number, got nan"),
+    "lr infinite": (["--lr", "inf"], "--lr must be a finite number"),
+    "clients zero named first": (["--clients", "0"], "--clients must be >= 1"),
+    "negative proximal mu": (["--proximal-mu", "-1"], "--proximal-mu must be >= 0"),
+    "huge synthetic": (["--dataset", "synthetic", "--samples", "100000000000000"], "--samples must be <= 10,000,000"),
+    "config text for a number": (["--config", "{d}/sigma-text.toml"], "setting noise-multiplier must be a number, got 'abc'"),
+    "config list for a number": (["--config", "{d}/sigma-list.toml"], "setting noise-multiplier must be a number"),
+    "config int for a string": (["--config", "{d}/partition-int.toml"], "setting partition must be a string, got 3"),
+    "config bool for an int": (["--config", "{d}/clients-bool.toml"], "setting clients must be an integer, got True"),
+    "config int for a path": (["--config", "{d}/data-int.toml"], "setting data must be a string"),
 }
 
 
@@ -75,3 +88,14 @@ def test_unknown_run_for_show(tmp_path):
 def test_every_command_has_help(command):
     result = CliRunner().invoke(app, [*command.split(), "--help"])
     assert result.exit_code == 0 and "Usage" in result.output
+
+
+def test_a_data_flag_replaces_the_config_files_dataset_and_back(tmp_path):
+    from shared.config import resolve
+
+    (tmp_path / "builtin.toml").write_text('dataset = "breast-cancer"\n')
+    (tmp_path / "file.toml").write_text('data = "x.csv"\nlabel = "y"\n')
+    cfg = resolve(tmp_path / "builtin.toml", data="x.csv", label="y", dataset=None)
+    assert (cfg.data, cfg.dataset) == ("x.csv", None)
+    cfg = resolve(tmp_path / "file.toml", dataset="digits", data=None)
+    assert (cfg.data, cfg.dataset) == (None, "digits")
