@@ -10,6 +10,8 @@ Client level (DP-FedAvg): q = participation probability and T = rounds.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 from shared import privacy
@@ -63,6 +65,8 @@ def _mode_report(mechanisms: list[Mechanism], delta: float, noise_multiplier: fl
     worst = max(mechanisms, key=lambda m: privacy.epsilon([(noise_multiplier, m.sample_rate, m.steps)], delta))
     report = {"sample_rate": worst.sample_rate, "steps": worst.steps, "noise_multiplier": noise_multiplier, "delta": delta}
     report.update(epsilon_for(mechanisms, noise_multiplier, delta))
+    if report["epsilon_prv"] == math.inf:
+        report["note"] = f"epsilon is above {privacy.PRV_LIMIT:g}, where the PRV accountant is not run; epsilon_rdp is the bound"
     if target_epsilon is not None:
         report["target_epsilon"] = target_epsilon
     return report

@@ -107,9 +107,20 @@ def _prv_epsilon(entries: Sequence[LedgerEntry], delta: float) -> float:
     return float(composed.compute_epsilon(delta, delta_error, eps_error)[2])
 
 
+# Opacus's PRV accountant sizes its grid by the privacy loss: near epsilon 600 it takes
+# seconds, and at a noise multiplier of 0.01 it ran for minutes into gigabytes. Beyond
+# this RDP bound PRV is not run and reports infinity (still a true upper bound); the
+# run summary then reports the finite RDP bound (server.runner.summarize).
+PRV_LIMIT = 1000.0
+
+
 @lru_cache(maxsize=4096)
 def _epsilon_cached(ledger: tuple[LedgerEntry, ...], delta: float, accountant: str) -> float:
-    return _prv_epsilon(ledger, delta) if accountant == "prv" else _rdp_epsilon(ledger, delta)
+    if accountant == "prv":
+        if _rdp_epsilon(ledger, delta) > PRV_LIMIT:
+            return math.inf
+        return _prv_epsilon(ledger, delta)
+    return _rdp_epsilon(ledger, delta)
 
 
 def epsilon(ledger: Iterable[Sequence[float]], delta: float, accountant: str = HEADLINE_ACCOUNTANT) -> float:
@@ -138,7 +149,7 @@ def epsilon(ledger: Iterable[Sequence[float]], delta: float, accountant: str = H
         check_mechanism(q, sigma, delta)
     try:
         return _epsilon_cached(tuple(sorted(entries)), float(delta), accountant)
-    except (ZeroDivisionError, OverflowError, MemoryError):
+    except (ZeroDivisionError, OverflowError, MemoryError, ValueError):
         # Opacus's accountants break down for a vanishing noise multiplier.
         smallest = min(s for s, _, _ in entries)
         raise BadInput(f"noise multiplier {smallest:g} is too small for the {accountant.upper()} accountant to bound epsilon") from None

@@ -201,7 +201,7 @@ def test_run_target_epsilon_calibrates_sigma_before_training():
     checked = preflight(resolve(None, dataset="digits", clients=10, rounds=5, target_epsilon=3.0))
     sigma = checked.config.noise_multiplier
     assert any("noise multiplier" in n and f"{sigma:.4f}" in n for n in checked.notes)
-    mechanisms = planner.sample_level_mechanisms(checked.client_sizes, 16, 1, 5)
+    mechanisms = planner.sample_level_mechanisms(checked.client_sizes, checked.config.batch_size, 1, 5)
     worst = max(privacy.epsilon([(sigma, m.sample_rate, m.steps)], checked.delta) for m in mechanisms)
     assert 3.0 - 0.05 <= worst <= 3.0
 
@@ -419,3 +419,14 @@ def test_a_reply_claiming_another_clients_id_is_dropped():
     assert _claims_its_own_id(reply(11, 0), node_client)
     assert not _claims_its_own_id(reply(12, 0), node_client)  # node of client 1 files as client 0
     assert not _claims_its_own_id(reply(99, 0), node_client)  # a node nobody described
+
+
+def test_prv_is_not_run_past_its_limit_and_says_infinity():
+    # sigma 0.01 once ran Opacus's PRV for minutes into gigabytes.
+    ledger = [(0.01, 0.01, 10)]
+    assert privacy.epsilon(ledger, 1e-5, "rdp") > privacy.PRV_LIMIT
+    assert privacy.epsilon(ledger, 1e-5) == float("inf")
+    from shared.planner import raw_mechanism
+
+    report = raw_mechanism(0.01, 10, 1e-5, noise_multiplier=0.01)
+    assert report["epsilon_prv"] == float("inf") and "epsilon_rdp is the bound" in report["note"]
