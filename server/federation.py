@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -71,6 +72,7 @@ class ServerJob:
     stop_after_round: int | None = None  # tests: end early as if interrupted
     timeout: float = 3600.0
     exhausted: set = field(default_factory=set)
+    cancel: threading.Event = field(default_factory=threading.Event)  # set: stop before the next round
     notes: list = field(default_factory=list)
     keys_dir: str = ""
     malicious_clients: list = field(default_factory=list)
@@ -361,6 +363,8 @@ def _run_rounds(grid: Grid, job: ServerJob, log: AuditLog, exchange_key) -> dict
     accuracy = loss = float("nan")
     load_numpy(model, weights)
     for rnd in range(start, c.rounds + 1):
+        if job.cancel.is_set():
+            raise FederationError(f"interrupted before round {rnd}")
         started = time.time()
         epsilons: dict[str, float | None] = {}
         if client_dp is not None:

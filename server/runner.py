@@ -9,6 +9,9 @@ from __future__ import annotations
 import importlib
 import math
 import os
+import signal
+import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -18,7 +21,7 @@ from pathlib import Path
 import tomli_w
 
 from server.federation import RoundReport, ServerJob
-from shared import planner, privacy
+from shared import planner, privacy, processes
 from shared.canaries import SECRET_FILE, draw_secret, save_secret
 from shared.config import RunConfig
 from shared.crypto import init_keys, load_registry, load_server_keys
@@ -249,6 +252,7 @@ def run_simulation_job(
     }
     started = time.time()
     error = None
+    previous = _stop_on_interrupt(job, store)
     try:
         run_simulation(
             server_app=make_server_app(job),
@@ -263,10 +267,40 @@ def run_simulation_job(
         error = f"{type(exc).__name__}: {exc}"
         if verbose:
             traceback.print_exc()
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    if job.cancel.is_set():
+        error = f"interrupted (Ctrl-C); continue it with: fedaudit run --resume {job.run_id}"
     status = "failed" if error else job.result.get("status", "completed")
     store.finish_run(job.run_id, status, error)
     store.update_run(job.run_id, info={"seconds": time.time() - started})
     return RunOutcome(job.run_id, status, error, summarize(store, job.run_id))
+
+
+def _stop_on_interrupt(job: ServerJob, store: RunStore):
+    """Make Ctrl-C stop the run after its current round, and a second Ctrl-C at once.
+
+    Python's KeyboardInterrupt lands in Flower's engine loop on the main thread while the
+    ServerApp thread keeps waiting for replies that never come, so the run hung. The
+    round loop checks ``job.cancel`` instead and fails the run cleanly (audit log and
+    status written, Ray shut down). Returns the previous handler, or None when not on
+    the main thread (signals cannot be handled there).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        if not job.cancel.is_set():
+            job.cancel.set()
+            sys.stderr.write("\ninterrupted: stopping after the current round (Ctrl-C again to stop at once)\n")
+            return
+        store.finish_run(job.run_id, "failed", f"interrupted (Ctrl-C twice); continue it with: fedaudit run --resume {job.run_id}")
+        sys.stderr.write(f"\nstopped; run {job.run_id} is recorded as failed\n")
+        processes.kill_descendants()
+        os._exit(130)
+
+    return signal.signal(signal.SIGINT, handler)
 
 
 def summarize(store: RunStore, run_id: str) -> dict:

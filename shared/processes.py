@@ -76,6 +76,12 @@ def _signal(pid: int, sig: int) -> None:
         pass
 
 
+def kill_descendants() -> None:
+    """SIGKILL every process below this one (a hard stop: Ray's workers and daemons)."""
+    for pid in descendants(os.getpid()):
+        _signal(pid, signal.SIGKILL)
+
+
 def become_subreaper() -> bool:
     """Make orphaned descendants re-parent to this process (Linux), so none escapes stop_tree."""
     try:

@@ -430,3 +430,21 @@ def test_prv_is_not_run_past_its_limit_and_says_infinity():
 
     report = raw_mechanism(0.01, 10, 1e-5, noise_multiplier=0.01)
     assert report["epsilon_prv"] == float("inf") and "epsilon_rdp is the bound" in report["note"]
+
+
+def test_ctrl_c_asks_the_round_loop_to_stop_instead_of_hanging(tmp_path):
+    import signal
+
+    from server.federation import ServerJob
+    from server.runner import _stop_on_interrupt
+    from shared.config import RunConfig
+    from shared.store import RunStore
+
+    job = ServerJob(run_id="r", config=RunConfig(), delta=1e-5, runs_dir=str(tmp_path), model_name="logreg")
+    previous = _stop_on_interrupt(job, RunStore(tmp_path))
+    try:
+        signal.raise_signal(signal.SIGINT)  # no KeyboardInterrupt: the handler took it
+        assert job.cancel.is_set()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert signal.getsignal(signal.SIGINT) is previous
