@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import math
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -131,26 +132,32 @@ def prepare_run(
         keys_dir = Path(keys_dir).resolve()
         check_keys(keys_dir, config.nodes, keys_passphrase_env)
     store = RunStore(runs_dir)
+    with store.connect():  # an unusable store is bad input before anything is written
+        pass
     run_id = run_id or new_run_id()
-    if keys_dir is None:
-        keys_dir = store.run_dir(run_id) / "keys"
-        init_keys(keys_dir, config.nodes)
-        keys_passphrase_env = None
-        notes.append(f"made fresh keys for this run in {keys_dir}")
-    if config.canaries or config.canary_clients:
-        # Kept in the run folder for the clients and the audit; never in a message.
-        save_secret(store.run_dir(run_id) / SECRET_FILE, draw_secret(config.canaries, config.clients, config.canary_clients))
-        notes.append(f"canaries: {config.canaries} sample-level, {config.canary_clients} canary clients; the inclusion secret is in {SECRET_FILE}")
-    malicious = malicious_clients(config)
-    if malicious:
-        notes.append(f"clients {', '.join(map(str, malicious))} are malicious ({config.attack})")
-    info = {
-        "model": checked.model_name, "engine": "simulation", "notes": notes, "keys_dir": str(keys_dir),
-        "keys_passphrase_env": keys_passphrase_env, "malicious_clients": malicious,
-    }
-    store.create_run(run_id, config.to_dict(), info=info)
+    try:
+        if keys_dir is None:
+            keys_dir = store.run_dir(run_id) / "keys"
+            init_keys(keys_dir, config.nodes)
+            keys_passphrase_env = None
+            notes.append(f"made fresh keys for this run in {keys_dir}")
+        if config.canaries or config.canary_clients:
+            # Kept in the run folder for the clients and the audit; never in a message.
+            save_secret(store.run_dir(run_id) / SECRET_FILE, draw_secret(config.canaries, config.clients, config.canary_clients))
+            notes.append(f"canaries: {config.canaries} sample-level, {config.canary_clients} canary clients; the inclusion secret is in {SECRET_FILE}")
+        malicious = malicious_clients(config)
+        if malicious:
+            notes.append(f"clients {', '.join(map(str, malicious))} are malicious ({config.attack})")
+        info = {
+            "model": checked.model_name, "engine": "simulation", "notes": notes, "keys_dir": str(keys_dir),
+            "keys_passphrase_env": keys_passphrase_env, "malicious_clients": malicious,
+        }
+        atomic_write_bytes(store.run_dir(run_id) / "config.toml", tomli_w.dumps(config.to_toml_dict()).encode())
+        store.create_run(run_id, config.to_dict(), info=info)
+    except BaseException:
+        shutil.rmtree(store.run_dir(run_id), ignore_errors=True)  # no folder without its run
+        raise
     store.update_run(run_id, delta=checked.delta)
-    atomic_write_bytes(store.run_dir(run_id) / "config.toml", tomli_w.dumps(config.to_toml_dict()).encode())
     return ServerJob(
         run_id=run_id, config=config, delta=checked.delta, runs_dir=str(store.root), model_name=checked.model_name, notes=notes,
         keys_dir=str(keys_dir), keys_passphrase_env=keys_passphrase_env, malicious_clients=malicious,
@@ -176,11 +183,11 @@ def prepare_resume(run_id: str, runs_dir: str | Path | None, ray_address: str | 
     last = store.last_checkpointed_round(run_id)
     while last and not (store.run_dir(run_id) / "checkpoints" / f"round-{last:04d}.safetensors").exists():
         last -= 1
+    keys_env = record.info.get("keys_passphrase_env")
+    check_keys(record.info["keys_dir"], config.nodes, keys_env)  # before the run is touched
     store.set_aside_interrupted(run_id, last)
     store.update_run(run_id, status="running", error=None, finished_at=None)
     notes = [f"resuming run {run_id} after round {last}"]
-    keys_env = record.info.get("keys_passphrase_env")
-    check_keys(record.info["keys_dir"], config.nodes, keys_env)
     return ServerJob(
         run_id=run_id, config=config, delta=record.delta, runs_dir=str(store.root), model_name=record.info["model"], resume_from=last, resuming=True, notes=notes,
         keys_dir=record.info["keys_dir"], keys_passphrase_env=keys_env, malicious_clients=record.info.get("malicious_clients", []),

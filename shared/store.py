@@ -168,17 +168,30 @@ class RunStore:
     # ------------------------------------------------------------------ plumbing
     @contextmanager
     def connect(self) -> Iterator[sqlite3.Connection]:
-        self.root.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self.db_path, timeout=30)
+        conn = self._open()
+        try:
+            with conn:  # one transaction: commit on success, roll back on error
+                yield conn
+        finally:
+            conn.close()
+
+    def _open(self) -> sqlite3.Connection:
+        if self.root.exists() and not self.root.is_dir():
+            raise BadInput(f"the runs folder {self.root} is a file, not a folder")
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(self.db_path, timeout=30)
+        except (OSError, sqlite3.Error) as exc:
+            raise BadInput(f"cannot use the run store {self.db_path}: {getattr(exc, 'strerror', None) or exc}") from None
         conn.row_factory = sqlite3.Row
         try:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
             conn.executescript(SCHEMA)
-            with conn:  # one transaction: commit on success, roll back on error
-                yield conn
-        finally:
+        except sqlite3.Error as exc:
             conn.close()
+            raise BadInput(f"cannot use the run store {self.db_path}: {exc}") from None
+        return conn
 
     def run_dir(self, run_id: str) -> Path:
         return self.root / run_id

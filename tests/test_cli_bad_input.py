@@ -99,3 +99,23 @@ def test_a_data_flag_replaces_the_config_files_dataset_and_back(tmp_path):
     assert (cfg.data, cfg.dataset) == ("x.csv", None)
     cfg = resolve(tmp_path / "file.toml", dataset="digits", data=None)
     assert (cfg.data, cfg.dataset) == (None, "digits")
+
+
+@pytest.mark.parametrize("kind", ["corrupt", "db-is-a-folder", "runs-dir-is-a-file"])
+def test_an_unusable_run_store_is_bad_input_and_leaves_nothing(kind, tmp_path):
+    runs = tmp_path / "runs"
+    if kind == "runs-dir-is-a-file":
+        runs.write_text("")
+    else:
+        runs.mkdir()
+        if kind == "corrupt":
+            (runs / "runs.db").write_text("garbage")
+        else:
+            (runs / "runs.db").mkdir()
+    before = sorted(p.name for p in runs.iterdir()) if runs.is_dir() else None
+    result = CliRunner().invoke(app, ["run", "--clients", "3", "--rounds", "1", "--runs-dir", str(runs)])
+    assert result.exit_code == 2, result.output
+    message = result.stderr.strip()
+    assert message.startswith("error: ") and len(message.splitlines()) == 1 and "run store" in message or "is a file" in message
+    if before is not None:
+        assert sorted(p.name for p in runs.iterdir()) == before  # no run folder or keys left behind

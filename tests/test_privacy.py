@@ -448,3 +448,20 @@ def test_ctrl_c_asks_the_round_loop_to_stop_instead_of_hanging(tmp_path):
     finally:
         signal.signal(signal.SIGINT, previous)
     assert signal.getsignal(signal.SIGINT) is previous
+
+
+def test_a_resume_refused_for_missing_keys_leaves_the_run_as_it_was(tmp_path):
+    from server.runner import prepare_resume
+    from shared.config import RunConfig
+    from shared.errors import BadInput
+    from shared.store import RunStore
+
+    store = RunStore(tmp_path)
+    store.create_run("r", RunConfig(dataset="digits", clients=3).to_dict(), info={"model": "logreg", "keys_dir": str(tmp_path / "gone")})
+    store.commit_spend("r", 1, [{"client": 0, "num_examples": 10, "noise_multiplier": 1.0, "sample_rate": 0.1, "steps": 10}], {"epsilon": 1.0})
+    store.finish_run("r", "failed", "boom")
+    with pytest.raises(BadInput):
+        prepare_resume("r", tmp_path)
+    record = store.get_run("r")
+    assert (record.status, record.error) == ("failed", "boom")
+    assert store.interrupted_spend("r") == {}  # nothing set aside either
