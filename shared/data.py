@@ -147,7 +147,7 @@ def _builtin(spec: DataSpec) -> tuple[np.ndarray, np.ndarray, DataMeta]:
     raise BadInput(f"unknown dataset {spec.dataset!r}; choose one of {', '.join(BUILTIN_DATASETS)}")
 
 
-def _read_table(path: Path, label: str | None) -> tuple[np.ndarray, np.ndarray]:
+def _read_table(path: Path, label: str | None) -> tuple[np.ndarray, np.ndarray, list[str]]:
     import pandas as pd
 
     if not path.exists():
@@ -160,6 +160,18 @@ def _read_table(path: Path, label: str | None) -> tuple[np.ndarray, np.ndarray]:
         raise BadInput(f"cannot read data file {path}: {str(exc).splitlines()[0]}") from None
     if not label:
         raise BadInput("--label COLUMN is required with --data")
+    if path.suffix == ".csv":
+        # pandas renames a repeated header (y, y.1): a second label column would turn
+        # into a feature and leak the label into training.
+        import csv
+
+        with open(path, newline="") as f:
+            header = next(csv.reader(f), [])
+        repeated = sorted({c for c in header if header.count(c) > 1})
+        if repeated:
+            raise BadInput(f"repeated column name(s) in {path.name}: {', '.join(repeated)}")
+    if frame.empty:
+        raise BadInput(f"{path.name} has no data rows")
     if label not in frame.columns:
         raise BadInput(f"label column {label!r} not found in {path.name}; columns are: {', '.join(map(str, frame.columns))}")
     features = frame.drop(columns=[label])
@@ -168,14 +180,15 @@ def _read_table(path: Path, label: str | None) -> tuple[np.ndarray, np.ndarray]:
     non_numeric = [str(c) for c in features.columns if not pd.api.types.is_numeric_dtype(features[c])]
     if non_numeric:
         raise BadInput(f"non-numeric feature column(s) in {path.name}: {', '.join(non_numeric)}")
-    x = features.to_numpy(dtype=np.float32)
-    if not np.isfinite(x).all():
-        bad = [str(c) for c in features.columns if not np.isfinite(features[c].to_numpy(dtype=np.float64)).all()]
-        raise BadInput(f"NaN or infinite values in feature column(s) of {path.name}: {', '.join(bad)}")
+    wide = features.to_numpy(dtype=np.float64)
+    for problem, bad_values in (("NaN or infinite values", ~np.isfinite(wide)), ("values beyond float32's range (about 3.4e38)", np.abs(np.nan_to_num(wide)) > np.finfo(np.float32).max)):
+        bad = [str(c) for c, hit in zip(features.columns, bad_values.any(axis=0)) if hit]
+        if bad:
+            raise BadInput(f"{problem} in feature column(s) of {path.name}: {', '.join(bad)}")
     labels = frame[label]
     if labels.isna().any():
         raise BadInput(f"missing values in label column {label!r} of {path.name}")
-    return x, labels.to_numpy()
+    return wide.astype(np.float32), labels.to_numpy(), [str(c) for c in features.columns]
 
 
 def _natural_key(path: Path) -> list:
@@ -197,7 +210,10 @@ def data_files(data: str) -> list[Path]:
 
 
 def _encode_labels(raw: list[np.ndarray]) -> tuple[list[np.ndarray], int]:
-    classes = np.unique(np.concatenate(raw))
+    try:
+        classes = np.unique(np.concatenate(raw))
+    except TypeError:
+        raise BadInput("the label column mixes numbers and text (across files or rows); use one kind of label") from None
     if len(classes) < 2:
         raise BadInput("the label column holds fewer than 2 classes")
     return [np.searchsorted(classes, r).astype(np.int64) for r in raw], len(classes)
@@ -318,6 +334,9 @@ def prepare(spec: DataSpec) -> Prepared:
         widths = {t[0].shape[1] for t in tables}
         if len(widths) != 1:
             raise BadInput(f"the files in {spec.data} have different numbers of feature columns: {sorted(widths)}")
+        for f, t in zip(files[1:], tables[1:]):
+            if t[2] != tables[0][2]:
+                raise BadInput(f"{f.name} has feature columns {', '.join(t[2])}, but {files[0].name} has {', '.join(tables[0][2])}: every file needs the same columns in the same order")
         labels, num_classes = _encode_labels([t[1] for t in tables])
         meta = DataMeta(widths.pop(), num_classes, None, "mlp")
         if Path(spec.data).is_dir():
@@ -427,7 +446,7 @@ def local_client_data(data_dir: str, label: str | None, val_fraction: float, see
     files = data_files(data_dir)
     if len(files) != 1:
         raise BadInput(f"node data folder {data_dir} holds {len(files)} data files; give it exactly one")
-    x, raw = _read_table(files[0], label or "label")
+    x, raw, _ = _read_table(files[0], label or "label")
     if not np.issubdtype(raw.dtype, np.number) or not np.all(np.mod(raw, 1) == 0):
         raise BadInput(f"labels in {files[0].name} must be integer class ids")
     y = raw.astype(np.int64)

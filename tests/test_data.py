@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -190,3 +192,21 @@ def test_iid_partitions_equal_flwr_datasets_iid_partitioner():
     reference.dataset = hf.Dataset.from_dict({"idx": order})
     for i in range(9):
         assert np.array_equal(prepared.client_indices[i], np.asarray(reference.load_partition(i)["idx"]))
+
+
+@pytest.mark.parametrize(
+    "files, message",
+    [
+        ({"a.csv": "a,y,y\n1,0,0\n2,1,1\n"}, "repeated column name(s) in a.csv: y"),
+        ({"a.csv": "a,b,y\n"}, "a.csv has no data rows"),
+        ({"a.csv": "a,b,y\n1e39,1,0\n2,2,1\n"}, "beyond float32's range (about 3.4e38) in feature column(s) of a.csv: a"),
+        ({"0.csv": "a,y\n1,0\n2,1\n", "1.csv": "a,y\n1,x\n2,z\n"}, "mixes numbers and text"),
+        ({"0.csv": "a,b,y\n1,2,0\n2,3,1\n", "1.csv": "b,a,y\n1,2,0\n2,3,1\n"}, "the same columns in the same order"),
+    ],
+)
+def test_odd_user_files_are_bad_input(tmp_path, files, message):
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    data = tmp_path / next(iter(files)) if len(files) == 1 else tmp_path
+    with pytest.raises(BadInput, match=re.escape(message)):
+        prepare(DataSpec(dataset=None, data=str(data), label="y", num_clients=len(files), test_fraction=0.0))
