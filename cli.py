@@ -326,7 +326,7 @@ def list_runs(
     store = RunStore(runs_dir)
     rows = [summarize(store, r.run_id) for r in store.list_runs()]
     if as_json:
-        _print_json(rows)
+        _print_json({"runs_dir": str(store.root), "runs": rows})
         return
     if not rows:
         out.print(f"no runs in {store.root}")
@@ -915,7 +915,7 @@ def demo(
     for name, cfg in demo_configs():
         summaries.append(_run_with_progress(prepare_run(cfg, runs_dir), as_json=True, verbose=verbose, label=f" ({name})"))
     if as_json:
-        _print_json(summaries)
+        _print_json({"runs": [{"run": name, **s} for (name, _), s in zip(demo_configs(), summaries)]})
         return
     table = Table(title="digits, 10 clients, same seed", title_justify="left")
     for col in ("run", "run id", "status", "accuracy", "macro F1", "epsilon", "delta"):

@@ -119,3 +119,11 @@ def test_an_unusable_run_store_is_bad_input_and_leaves_nothing(kind, tmp_path):
     assert message.startswith("error: ") and len(message.splitlines()) == 1 and "run store" in message or "is a file" in message
     if before is not None:
         assert sorted(p.name for p in runs.iterdir()) == before  # no run folder or keys left behind
+
+
+def test_runs_json_is_one_object(tmp_path):
+    import json
+
+    result = CliRunner().invoke(app, ["runs", "--json", "--runs-dir", str(tmp_path)])
+    assert result.exit_code == 0
+    assert json.loads(result.stdout) == {"runs_dir": str(tmp_path.resolve()), "runs": []}

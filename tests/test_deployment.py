@@ -369,7 +369,7 @@ def test_plain_text_superlink_and_the_wrappers_sigterm(tmp_path):
         assert failed.returncode == 1, failed.stderr
         summary = json.loads(failed.stdout)
         assert summary["status"] == "failed" and "no keys" in summary["error"]
-        listed = json.loads(run_cli("runs", "--json", runs_dir=runs).stdout)
+        listed = json.loads(run_cli("runs", "--json", runs_dir=runs).stdout)["runs"]
         assert [(r["run_id"], r["status"]) for r in listed] == [(summary["run_id"], "failed")]
 
         for name in reversed(list(commands)):
@@ -678,7 +678,7 @@ def test_run_survives_a_supernode_killed_mid_run(loopback_run):
     shown = json.loads(run_cli("show", summary["run_id"], "--json", runs_dir=runs).stdout)
     trained = [{c["client"] for c in r["clients"] if c["num_examples"]} for r in shown["rounds"]]
     assert trained == [{0, 1}, {0}]  # node 1 was killed after round 1
-    listed = json.loads(run_cli("runs", "--json", runs_dir=runs).stdout)
+    listed = json.loads(run_cli("runs", "--json", runs_dir=runs).stdout)["runs"]
     assert [r["run_id"] for r in listed] == [summary["run_id"]]
 
 
