@@ -31,6 +31,8 @@ from shared.errors import BadInput
 
 GENESIS = "0" * 64
 HEAD_DOMAIN = b"fedaudit-audit-head-v2\n"
+# Logs signed before the head named its run; recognised only to say so.
+LEGACY_HEAD_DOMAIN = b"fedaudit-audit-head-v1\n"
 ENTRY_FIELDS = frozenset({"seq", "time", "kind", "payload", "prev", "hash"})
 SIG_FIELDS = frozenset({"seq", "hash", "signature"})
 
@@ -239,7 +241,11 @@ def _check_sig(path: Path, public_key: Ed25519PublicKey, log_id: str) -> tuple[i
     try:
         public_key.verify(signature, _head_message(log_id, record["seq"], record["hash"]))
     except InvalidSignature:
-        return f"signature in {path} does not verify with the given public key for log {log_id!r} (wrong key, or another run's log)"
+        try:
+            public_key.verify(signature, LEGACY_HEAD_DOMAIN + canonical({"seq": record["seq"], "hash": record["hash"]}))
+        except InvalidSignature:
+            return f"signature in {path} does not verify with the given public key for log {log_id!r} (wrong key, or another run's log)"
+        return f"{path} is signed in the old v1 format, which does not name the run, so it cannot show this is run {log_id!r}'s log"
     return record["seq"], record["hash"]
 
 

@@ -300,3 +300,14 @@ def test_verify_run_rejects_an_ended_run_whose_log_was_cut_back_to_an_older_sign
     sig_path(path).write_bytes(older[1])
     result = verify_run(store, "run-a")
     assert not result.ok and "stops before run-end" in result.reason
+
+
+def test_a_log_signed_in_the_old_format_is_named_as_such(tmp_path):
+    from shared.auditlog import LEGACY_HEAD_DOMAIN
+
+    path = write_log(tmp_path / "audit.jsonl", 2)
+    record = json.loads(sig_path(path).read_text())
+    legacy = KEY.sign(LEGACY_HEAD_DOMAIN + canonical({"seq": record["seq"], "hash": record["hash"]}))
+    sig_path(path).write_bytes(canonical({**record, "signature": legacy.hex()}) + b"\n")
+    result = verify_log(path, PUB)
+    assert not result.ok and "old v1 format" in result.reason
