@@ -72,8 +72,8 @@ def init_certs(directory: str | Path, hosts: list[str] | tuple[str, ...] = DEFAU
     """Create a CA and a server certificate valid for ``hosts``; never overwrites."""
     paths = CertPaths(Path(directory).resolve())
     hosts = list(dict.fromkeys(hosts or DEFAULT_HOSTS))
-    if days < 1:
-        raise BadInput(f"--days must be >= 1, got {days}")
+    if not 1 <= days <= 36_500:
+        raise BadInput(f"--days must be in 1..36500 (100 years), got {days}")
     sans = [_san(h) for h in hosts]
     if paths.directory.exists() and not paths.directory.is_dir():
         raise BadInput(f"certificate directory {paths.directory} exists and is not a directory")

@@ -17,6 +17,7 @@ import json
 import math
 import operator
 import os
+import shutil
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -110,6 +111,9 @@ def _raw_hex(public_key: X25519PublicKey | Ed25519PublicKey) -> str:
     return public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw).hex()
 
 
+# Far beyond any federation here; a typo of extra zeros would fill the disk with keys.
+MAX_KEY_CLIENTS = 100_000
+
 def init_keys(directory: str | os.PathLike[str], num_clients: int, passphrase_env: str | None = None) -> Path:
     """Create the server's and every client's keys plus the public-key registry.
 
@@ -135,14 +139,31 @@ def init_keys(directory: str | os.PathLike[str], num_clients: int, passphrase_en
     """
     if isinstance(num_clients, bool) or not isinstance(num_clients, int) or num_clients < 1:
         raise BadInput(f"number of clients must be a positive integer, got {num_clients!r}")
+    if num_clients > MAX_KEY_CLIENTS:
+        raise BadInput(f"number of clients must be <= {MAX_KEY_CLIENTS:,}, got {num_clients:,}")
     directory = Path(directory)
+    if str(directory) == "":
+        raise BadInput("the key directory must be named")
     if directory.exists() and not directory.is_dir():
         raise BadInput(f"key directory {directory} exists and is not a directory")
     if directory.is_dir() and (any(directory.glob("*.pem")) or (directory / REGISTRY).exists()):
         raise BadInput(f"key directory {directory} already holds keys; refusing to overwrite them")
+    created = not directory.exists()
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     passphrase = _passphrase(passphrase_env)
+    try:
+        return _write_keys(directory, num_clients, passphrase)
+    except BaseException:
+        # All or nothing: a half-written key folder would be refused as "already holds
+        # keys" by the next init and as "no key registry" by a run.
+        for written in [*directory.glob("*.pem"), directory / REGISTRY]:
+            written.unlink(missing_ok=True)
+        if created:
+            shutil.rmtree(directory, ignore_errors=True)
+        raise
 
+
+def _write_keys(directory: Path, num_clients: int, passphrase: bytes | None) -> Path:
     server_x = X25519PrivateKey.generate()
     server_ed = Ed25519PrivateKey.generate()
     write_atomic(directory / SERVER_X25519, _private_pem(server_x, passphrase), 0o600)

@@ -339,3 +339,25 @@ def test_unpack_only_raises_envelope_error(data):
         unpack_arrays(data)
     except EnvelopeError:
         pass
+
+
+def test_key_init_is_all_or_nothing(tmp_path, monkeypatch):
+    import shared.crypto as crypto
+
+    calls = {"n": 0}
+    real = crypto._private_pem
+
+    def failing(key, passphrase):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt  # as if stopped half way
+        return real(key, passphrase)
+
+    monkeypatch.setattr(crypto, "_private_pem", failing)
+    with pytest.raises(KeyboardInterrupt):
+        crypto.init_keys(tmp_path / "keys", 10)
+    assert not (tmp_path / "keys").exists()
+    monkeypatch.setattr(crypto, "_private_pem", real)
+    crypto.init_keys(tmp_path / "keys", 10)  # a retry works
+    with pytest.raises(crypto.BadInput, match="<= 100,000"):
+        crypto.init_keys(tmp_path / "more", 10**11)
