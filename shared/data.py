@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from functools import lru_cache
@@ -277,7 +278,10 @@ def _dirichlet(y: np.ndarray, spec: DataSpec, alpha: float) -> Partitions:
     )
     partitioner.dataset = hf.Dataset.from_dict({"idx": np.arange(len(y)), "label": y})
     try:
-        first = np.asarray(partitioner.load_partition(0)["idx"], dtype=np.int64)
+        with warnings.catch_warnings():
+            # It warns on every retry of a draw with an empty client; the error says enough.
+            warnings.simplefilter("ignore", UserWarning)
+            first = np.asarray(partitioner.load_partition(0)["idx"], dtype=np.int64)
     except ValueError as exc:
         raise BadInput(f"cannot partition {len(y)} samples into {spec.num_clients} clients with {spec.partition}: {exc}") from None
     # The first load drew the whole assignment; reading it directly avoids building one

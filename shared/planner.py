@@ -24,6 +24,11 @@ class Mechanism:
     steps: int
 
 
+# Far beyond any real plan; past them the accountants run for hours.
+MAX_SHAPE = 100_000
+MAX_STEPS = 100_000_000
+
+
 def batches_per_epoch(num_records: int, batch_size: int) -> int:
     """ceil(n / B): the local steps per epoch; Opacus's Poisson loader samples at q = 1 / this."""
     return -(-num_records // batch_size)
@@ -33,6 +38,8 @@ def sample_level_mechanisms(client_sizes: list[int], batch_size: int, local_epoc
     for flag, value in (("--batch-size", batch_size), ("--local-epochs", local_epochs), ("--rounds", rounds)):
         if value < 1:
             raise BadInput(f"{flag} must be >= 1, got {value}")
+        if value > MAX_SHAPE:
+            raise BadInput(f"{flag} must be <= {MAX_SHAPE:,}, got {value:,}")
     shapes = set()
     for n in client_sizes:
         if n < 1:
@@ -77,8 +84,8 @@ def raw_mechanism(sample_rate: float, steps: int, delta: float | None, noise_mul
     if delta is None:
         raise BadInput("--delta is required with --sample-rate")
     privacy.check_mechanism(sample_rate, None, delta)
-    if steps is None or steps < 1:
-        raise BadInput(f"--steps must be >= 1, got {steps}")
+    if steps is None or not 1 <= steps <= MAX_STEPS:
+        raise BadInput(f"--steps must be in 1..{MAX_STEPS:,}, got {steps}")
     if target_epsilon is not None and not target_epsilon > 0:
         raise BadInput(f"--target-epsilon must be > 0, got {target_epsilon}")
     out = _mode_report([Mechanism(sample_rate, steps)], delta, noise_multiplier, target_epsilon)

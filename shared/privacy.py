@@ -99,12 +99,16 @@ def _prv_epsilon(entries: Sequence[LedgerEntry], delta: float) -> float:
     half_width = max(half_width, eps_error) + 3
     mesh = eps_error / math.sqrt(total_steps * math.log(12 / delta_error) / 2)
     domain = Domain.create_aligned(-half_width, half_width, mesh)
-    discrete = [
-        discretize(TruncatedPrivacyRandomVariable(PoissonSubsampledGaussianPRV(q, sigma), domain.t_min, domain.t_max), domain)
-        for sigma, q, _ in entries
-    ]
-    composed = compose_heterogeneous(dprvs=discrete, num_self_compositions=[steps for *_, steps in entries])
-    return float(composed.compute_epsilon(delta, delta_error, eps_error)[2])
+    with warnings.catch_warnings():
+        # log(0) in the PRV's density at q = 1 or the domain's edge: numpy warns, the
+        # accountant handles the resulting infinities itself.
+        warnings.simplefilter("ignore", RuntimeWarning)
+        discrete = [
+            discretize(TruncatedPrivacyRandomVariable(PoissonSubsampledGaussianPRV(q, sigma), domain.t_min, domain.t_max), domain)
+            for sigma, q, _ in entries
+        ]
+        composed = compose_heterogeneous(dprvs=discrete, num_self_compositions=[steps for *_, steps in entries])
+        return float(composed.compute_epsilon(delta, delta_error, eps_error)[2])
 
 
 # Opacus's PRV accountant sizes its grid by the privacy loss: near epsilon 600 it takes
