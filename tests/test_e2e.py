@@ -96,6 +96,6 @@ def test_private_run_noise_is_not_the_seeds(private_run, private_rerun):
 
 
 def test_runs_lists_every_run(private_run, nonprivate_run, e2e_dir):
-    listed = run_json("runs", runs_dir=e2e_dir)
+    listed = run_json("runs", runs_dir=e2e_dir)["runs"]
     ids = {r["run_id"] for r in listed}
     assert {private_run["run_id"], nonprivate_run["run_id"]} <= ids
