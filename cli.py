@@ -407,6 +407,11 @@ def budget(
     """Plan a privacy budget: epsilon for a noise level, or the noise for a target epsilon."""
     from shared import planner
 
+    for one, other in (("--noise-multiplier", "--target-epsilon"), ("--client-noise-multiplier", "--client-target-epsilon")):
+        given = {"--noise-multiplier": noise_multiplier, "--target-epsilon": target_epsilon,
+                 "--client-noise-multiplier": client_noise_multiplier, "--client-target-epsilon": client_target_epsilon}
+        if given[one] is not None and given[other] is not None:
+            raise FedauditError(f"give {one} (to get epsilon) or {other} (to get the noise), not both")
     if sample_rate is not None:
         report = planner.raw_mechanism(sample_rate, steps, delta, noise_multiplier, target_epsilon)
     elif config is not None:

@@ -97,6 +97,9 @@ def load_run(store: RunStore, run_id: str) -> StoredRun:
 
 
 # --------------------------------------------------------------------------- gates
+ENDED_NORMALLY = ("completed", "budget-exhausted")
+
+
 @dataclass(frozen=True)
 class Gates:
     """Pass/fail thresholds of ``fedaudit audit``; None means the gate is not checked."""
@@ -133,6 +136,10 @@ def check_gates(report: dict, gates: Gates) -> list[dict]:
 
     def add(name: str, threshold: float, measured: float | None, passed: bool, detail: str) -> None:
         results.append({"gate": name, "threshold": threshold, "measured": measured, "passed": bool(passed), "detail": detail})
+
+    # A gate must not pass on a run that did not finish, whatever its model scores.
+    if any(v is not None for v in vars(gates).values()) and report.get("status") not in ENDED_NORMALLY:
+        add("run-ended-normally", None, None, False, f"the run's status is {report.get('status')!r}; gates need a completed run")
 
     if gates.max_epsilon is not None:
         privacy = report["privacy"]

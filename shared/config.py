@@ -44,11 +44,11 @@ class RunConfig:
     # model and local training
     model: str | None = None
     local_epochs: int = 1
-    batch_size: int = 16
-    lr: float = 0.5
+    batch_size: int = 32
+    lr: float = 1.0
     optimizer: str = "sgd"
     # federation
-    rounds: int = 20
+    rounds: int = 30
     strategy: str = "fedavg"
     fraction: float = 1.0
     proximal_mu: float = 0.01
@@ -60,8 +60,8 @@ class RunConfig:
     ray_address: str | None = None
     # sample-level differential privacy
     dp: bool = True
-    noise_multiplier: float = 1.2
-    max_grad_norm: float = 2.0
+    noise_multiplier: float = 1.85
+    max_grad_norm: float = 1.0
     delta: float | None = None
     target_epsilon: float | None = None
     # Seed the DP randomness (Poisson batches and Gaussian noise; under client-level DP
@@ -130,6 +130,11 @@ class RunConfig:
         """Check everything that can be checked without loading data."""
         if self.data and self.dataset:
             raise BadInput("--data and --dataset are mutually exclusive")
+        for flag, value in (("--dataset", self.dataset), ("--data", self.data), ("--label", self.label), ("--model", self.model)):
+            if value is not None and not value.strip():
+                raise BadInput(f"{flag} is empty")
+        if self.seed < 0:
+            raise BadInput(f"--seed must be >= 0, got {self.seed}")
         if not self.data and (self.dataset or "digits") not in BUILTIN_DATASETS:
             raise BadInput(f"unknown dataset {self.dataset!r}; choose one of {', '.join(BUILTIN_DATASETS)}")
         if self.model is not None and self.model not in MODELS:

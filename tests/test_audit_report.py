@@ -279,6 +279,7 @@ def test_audit_bad_input_exits_2_with_one_line(args, message, private_run, e2e_d
 
 def test_check_gates_on_a_report():
     report = {
+        "status": "completed",
         "utility": {"accuracy": 0.8},
         "privacy": {"epsilon": 2.0, "client_epsilon": 5.0},
         "baseline": {"run_id": "b", "accuracy_drop": 0.1},
@@ -422,3 +423,13 @@ def test_sweep_points_keep_the_data_and_vary_only_dp():
 def test_new_commands_have_help(command):
     result = cli(command, "--help")
     assert result.exit_code == 0 and "Usage" in result.output and "--json" in result.output and "--html" in result.output
+
+
+def test_no_gate_passes_on_a_run_that_did_not_finish():
+    from audit.report import Gates, check_gates
+
+    report = {"status": "failed", "utility": {"accuracy": 0.99}, "privacy": {"epsilon": 1.0}}
+    results = check_gates(report, Gates(min_accuracy=0.5))
+    assert [r["gate"] for r in results if not r["passed"]] == ["run-ended-normally"]
+    assert all(r["passed"] for r in check_gates({**report, "status": "completed"}, Gates(min_accuracy=0.5)))
+    assert check_gates(report, Gates()) == []  # no gates asked, nothing to fail

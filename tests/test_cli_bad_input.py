@@ -61,6 +61,8 @@ CASES = {
     "config int for a string": (["--config", "{d}/partition-int.toml"], "setting partition must be a string, got 3"),
     "config bool for an int": (["--config", "{d}/clients-bool.toml"], "setting clients must be an integer, got True"),
     "config int for a path": (["--config", "{d}/data-int.toml"], "setting data must be a string"),
+    "empty dataset name": (["--dataset", ""], "--dataset is empty"),
+    "negative seed": (["--seed", "-1"], "--seed must be >= 0"),
 }
 
 
@@ -127,3 +129,8 @@ def test_runs_json_is_one_object(tmp_path):
     result = CliRunner().invoke(app, ["runs", "--json", "--runs-dir", str(tmp_path)])
     assert result.exit_code == 0
     assert json.loads(result.stdout) == {"runs_dir": str(tmp_path.resolve()), "runs": []}
+
+
+def test_budget_refuses_both_a_noise_multiplier_and_a_target():
+    result = CliRunner().invoke(app, ["budget", "--sample-rate", "0.1", "--steps", "10", "--delta", "1e-5", "--noise-multiplier", "1", "--target-epsilon", "3"])
+    assert result.exit_code == 2 and "not both" in result.stderr
