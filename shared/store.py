@@ -231,6 +231,8 @@ class RunStore:
         return self._record(row)
 
     def list_runs(self) -> list[RunRecord]:
+        if self.root.exists() and not self.root.is_dir():
+            raise BadInput(f"the runs folder {self.root} is a file, not a folder")
         if not self.db_path.exists():
             return []
         with self.connect() as conn:
