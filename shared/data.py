@@ -228,13 +228,17 @@ def _split_test(x: np.ndarray, y: np.ndarray, fraction: float, seed: int):
 
     if fraction <= 0:
         return x, y, x[:0], y[:0]
+    # A class with a single record cannot be stratified; it stays in training and the
+    # other classes are still stratified (instead of dropping stratification for all).
     counts = np.bincount(y)
-    stratify = y if counts[counts > 0].min() >= 2 else None
+    rare = counts[y] < 2
+    keep = np.flatnonzero(~rare)
     try:
-        x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=fraction, random_state=seed, stratify=stratify)
+        tr, te = train_test_split(keep, test_size=fraction, random_state=seed, stratify=y[keep])
     except ValueError as exc:
         raise BadInput(f"cannot make a test split of {fraction}: {exc}") from None
-    return x_tr, y_tr, x_te, y_te
+    tr = np.concatenate([tr, np.flatnonzero(rare)])
+    return x[tr], y[tr], x[te], y[te]
 
 
 def _standardize(x_train: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:

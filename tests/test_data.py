@@ -210,3 +210,14 @@ def test_odd_user_files_are_bad_input(tmp_path, files, message):
     data = tmp_path / next(iter(files)) if len(files) == 1 else tmp_path
     with pytest.raises(BadInput, match=re.escape(message)):
         prepare(DataSpec(dataset=None, data=str(data), label="y", num_clients=len(files), test_fraction=0.0))
+
+
+def test_a_single_record_class_does_not_turn_off_stratification():
+    from shared.data import _split_test
+
+    y = np.array([0] * 900 + [1] * 99 + [2])
+    x = np.arange(len(y), dtype=np.float32)[:, None]
+    for seed in range(3):
+        x_tr, y_tr, x_te, y_te = _split_test(x, y, 0.2, seed)
+        assert np.bincount(y_te, minlength=3).tolist() == [180, 20, 0]
+        assert sorted(np.concatenate([x_tr, x_te])[:, 0].tolist()) == x[:, 0].tolist()  # every record once
