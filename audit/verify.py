@@ -34,5 +34,5 @@ def verify_run(store: RunStore, run_id: str, keys_dir: str | Path | None = None)
     if not entries or entries[0]["kind"] != "run-start" or entries[0]["payload"].get("run_id") != run_id:
         return VerifyResult(False, 0, 1, f"the log does not start with run {run_id}'s run-start entry")
     if record.status != "running" and entries[-1]["kind"] != "run-end":
-        return VerifyResult(False, len(entries), len(entries) + 1, f"the run ended ({record.status}) but its log stops before run-end (cut back to an older signed head?)")
+        return VerifyResult(False, len(entries), len(entries) + 1, f"the run ended ({record.status}) but its log stops before run-end: the server was killed before it closed the log, or the log was cut back to an older signed head")
     return result
