@@ -731,7 +731,7 @@ def _print_audit(report: dict) -> None:
         for col in ("gate", "threshold", "measured", "result"):
             gates.add_column(col)
         for gate in report["gates"]:
-            gates.add_row(gate["gate"], f"{gate['threshold']:g}", _fmt(gate["measured"]), "pass" if gate["passed"] else "FAIL")
+            gates.add_row(gate["gate"], _fmt(gate["threshold"]), _fmt(gate["measured"]), "pass" if gate["passed"] else "FAIL")
         out.print(gates)
 
 
@@ -768,7 +768,7 @@ def audit_command(
         _print_audit(report)
     failed = [g for g in report["gates"] if not g["passed"]]
     for gate in failed:
-        err.print(f"gate failed: {gate['gate']}: measured {_fmt(gate['measured'])}, threshold {gate['threshold']:g} ({gate['detail']})", markup=False)
+        err.print(f"gate failed: {gate['gate']}: measured {_fmt(gate['measured'])}, threshold {_fmt(gate['threshold'])} ({gate['detail']})", markup=False)
     if failed:
         raise typer.Exit(EXIT_GATE_FAILED)
 

@@ -433,3 +433,16 @@ def test_no_gate_passes_on_a_run_that_did_not_finish():
     assert [r["gate"] for r in results if not r["passed"]] == ["run-ended-normally"]
     assert all(r["passed"] for r in check_gates({**report, "status": "completed"}, Gates(min_accuracy=0.5)))
     assert check_gates(report, Gates()) == []  # no gates asked, nothing to fail
+
+
+def test_audit_cli_prints_the_unfinished_run_gate(monkeypatch, tmp_path):
+    import audit.report
+
+    def fake_audit_run(store, run_id, gates, **kwargs):
+        report = {"run_id": run_id, "status": "failed", "utility": {"accuracy": 0.9}, "privacy": {}}
+        return {**report, "gates": check_gates(report, gates)}
+
+    monkeypatch.setattr(audit.report, "audit_run", fake_audit_run)
+    result = cli("audit", "r", "--min-accuracy", "0.5", "--json", "--runs-dir", str(tmp_path))
+    assert result.exit_code == 1, result.output
+    assert "gate failed: run-ended-normally" in result.stderr and "Traceback" not in result.output

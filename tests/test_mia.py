@@ -64,7 +64,7 @@ def test_membership_inference_on_a_fixed_model_and_bad_input():
 
 
 def test_max_mia_auc_gate():
-    report = {"privacy": {"mia_auc": 0.6, "mia": {"mia_attack": "loss"}}}
+    report = {"status": "completed", "privacy": {"mia_auc": 0.6, "mia": {"mia_attack": "loss"}}}
     assert [(g["gate"], g["measured"], g["passed"]) for g in check_gates(report, Gates(max_mia_auc=0.55))] == [("max-mia-auc", 0.6, False)]
     assert check_gates(report, Gates(max_mia_auc=0.6))[0]["passed"] is True
     with pytest.raises(BadInput, match="--max-mia-auc"):
