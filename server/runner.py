@@ -277,7 +277,7 @@ def run_simulation_job(
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
-    if job.cancel.is_set():
+    if job.cancel.is_set() and error:  # a Ctrl-C after the last round changes nothing
         error = f"interrupted (Ctrl-C); continue it with: fedaudit run --resume {job.run_id}"
     status = "failed" if error else job.result.get("status", "completed")
     store.finish_run(job.run_id, status, error)

@@ -465,3 +465,40 @@ def test_a_resume_refused_for_missing_keys_leaves_the_run_as_it_was(tmp_path):
     record = store.get_run("r")
     assert (record.status, record.error) == ("failed", "boom")
     assert store.interrupted_spend("r") == {}  # nothing set aside either
+
+
+def test_a_ctrl_c_after_the_last_round_leaves_the_run_completed(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    import flwr.simulation
+    import server.app
+    from server import runner
+    from server.federation import ServerJob
+    from shared.config import RunConfig
+    from shared.store import RunStore
+
+    config = RunConfig(dataset="digits", clients=2, rounds=1, encrypt=False, dp=False).validate()
+    RunStore(tmp_path).create_run("r", config.to_dict(), info={})
+    job = ServerJob(run_id="r", config=config, delta=1e-5, runs_dir=str(tmp_path), model_name="logreg")
+
+    def finished_then_interrupted(**kwargs):
+        job.result = {"status": "completed", "accuracy": 0.9, "loss": 0.1, "rounds": 1}
+        os.kill(os.getpid(), signal.SIGINT)  # while Flower and Ray shut down
+
+    monkeypatch.setattr(flwr.simulation, "run_simulation", finished_then_interrupted)
+    monkeypatch.setattr(server.app, "make_server_app", lambda job: None)
+    monkeypatch.setattr(runner, "client_app_for", lambda job: None)
+    outcome = runner.run_simulation_job(job)
+    assert job.cancel.is_set() and (outcome.status, outcome.error) == ("completed", None)
+
+
+def test_an_unbounded_epsilon_goes_into_the_audit_log_as_text(tmp_path):
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from server.federation import _plain_number
+    from shared.auditlog import AuditLog
+
+    log = AuditLog(tmp_path / "audit.jsonl", Ed25519PrivateKey.generate(), "r")
+    entry = log.append("round", {"epsilon": _plain_number(float("inf")), "client_epsilon": _plain_number(None), "other": _plain_number(2.5)})
+    assert entry["payload"] == {"epsilon": "inf", "client_epsilon": None, "other": 2.5}
