@@ -16,9 +16,9 @@ def verify_run(store: RunStore, run_id: str, keys_dir: str | Path | None = None)
 
     The public key comes from the key registry the run used (or ``keys_dir``), never
     from the log itself. The signature must be for this run's id, the log must start
-    with this run's ``run-start``, and a run the store shows as ended must have a log
-    that ends with ``run-end``: an older signed head of the same log (a rollback) then
-    does not pass for the whole run.
+    with this run's ``run-start``, and a run the store shows as completed (or
+    budget-exhausted) must have a log that ends with ``run-end``: an older signed head of
+    the same log (a rollback) then does not pass for the whole run.
     """
     record = store.get_run(run_id)
     path = store.run_dir(run_id) / "audit.jsonl"
@@ -33,6 +33,8 @@ def verify_run(store: RunStore, run_id: str, keys_dir: str | Path | None = None)
     entries = [json.loads(line) for line in path.read_bytes().splitlines()]
     if not entries or entries[0]["kind"] != "run-start" or entries[0]["payload"].get("run_id") != run_id:
         return VerifyResult(False, 0, 1, f"the log does not start with run {run_id}'s run-start entry")
-    if record.status != "running" and entries[-1]["kind"] != "run-end":
-        return VerifyResult(False, len(entries), len(entries) + 1, f"the run ended ({record.status}) but its log stops before run-end: the server was killed before it closed the log, or the log was cut back to an older signed head")
+    # Only a run that ended normally must have closed its log: a failed one may have
+    # been stopped hard (a second Ctrl-C) before it could.
+    if record.status in ("completed", "budget-exhausted") and entries[-1]["kind"] != "run-end":
+        return VerifyResult(False, len(entries), len(entries) + 1, f"the run ended ({record.status}) but its log stops before run-end (cut back to an older signed head?)")
     return result

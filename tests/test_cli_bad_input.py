@@ -118,7 +118,8 @@ def test_an_unusable_run_store_is_bad_input_and_leaves_nothing(kind, tmp_path):
     result = CliRunner().invoke(app, ["run", "--clients", "3", "--rounds", "1", "--runs-dir", str(runs)])
     assert result.exit_code == 2, result.output
     message = result.stderr.strip()
-    assert message.startswith("error: ") and len(message.splitlines()) == 1 and "run store" in message or "is a file" in message
+    assert message.startswith("error: ") and len(message.splitlines()) == 1
+    assert "run store" in message or "is a file" in message
     if before is not None:
         assert sorted(p.name for p in runs.iterdir()) == before  # no run folder or keys left behind
 
