@@ -142,8 +142,6 @@ def init_keys(directory: str | os.PathLike[str], num_clients: int, passphrase_en
     if num_clients > MAX_KEY_CLIENTS:
         raise BadInput(f"number of clients must be <= {MAX_KEY_CLIENTS:,}, got {num_clients:,}")
     directory = Path(directory)
-    if str(directory) == "":
-        raise BadInput("the key directory must be named")
     if directory.exists() and not directory.is_dir():
         raise BadInput(f"key directory {directory} exists and is not a directory")
     if directory.is_dir() and (any(directory.glob("*.pem")) or (directory / REGISTRY).exists()):

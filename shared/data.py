@@ -166,9 +166,14 @@ def _read_table(path: Path, label: str | None) -> tuple[np.ndarray, np.ndarray, 
         # into a feature and leak the label into training.
         import csv
 
-        with open(path, newline="") as f:
-            header = next(csv.reader(f), [])
-        repeated = sorted({c for c in header if header.count(c) > 1})
+        try:
+            # As pandas reads it: a BOM dropped, blank lines skipped, empty names unnamed.
+            with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
+                header = next((row for row in csv.reader(f) if any(cell.strip() for cell in row)), [])
+        except csv.Error as exc:
+            raise BadInput(f"cannot read the header of {path.name}: {exc}") from None
+        names = [c.strip() for c in header if c.strip()]
+        repeated = sorted({c for c in names if names.count(c) > 1})
         if repeated:
             raise BadInput(f"repeated column name(s) in {path.name}: {', '.join(repeated)}")
     if frame.empty:
@@ -193,7 +198,7 @@ def _read_table(path: Path, label: str | None) -> tuple[np.ndarray, np.ndarray, 
 
 
 def _natural_key(path: Path) -> list:
-    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", path.name)]
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", path.name)] + [(2, 0, path.name)]
 
 
 def data_files(data: str) -> list[Path]:

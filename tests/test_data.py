@@ -198,6 +198,8 @@ def test_iid_partitions_equal_flwr_datasets_iid_partitioner():
     "files, message",
     [
         ({"a.csv": "a,y,y\n1,0,0\n2,1,1\n"}, "repeated column name(s) in a.csv: y"),
+        ({"a.csv": "\ufeffy,a,y\n0,1,0\n1,2,1\n"}, "repeated column name(s) in a.csv: y"),  # Excel's "CSV UTF-8"
+        ({"a.csv": "\ny,a,y\n0,1,0\n1,2,1\n"}, "repeated column name(s) in a.csv: y"),  # pandas skips the blank line
         ({"a.csv": "a,b,y\n"}, "a.csv has no data rows"),
         ({"a.csv": "a,b,y\n1e39,1,0\n2,2,1\n"}, "beyond float32's range (about 3.4e38) in feature column(s) of a.csv: a"),
         ({"0.csv": "a,y\n1,0\n2,1\n", "1.csv": "a,y\n1,x\n2,z\n"}, "mixes numbers and text"),
@@ -221,3 +223,9 @@ def test_a_single_record_class_does_not_turn_off_stratification():
         x_tr, y_tr, x_te, y_te = _split_test(x, y, 0.2, seed)
         assert np.bincount(y_te, minlength=3).tolist() == [180, 20, 0]
         assert sorted(np.concatenate([x_tr, x_te])[:, 0].tolist()) == x[:, 0].tolist()  # every record once
+
+
+def test_unnamed_index_columns_are_not_repeated_names(tmp_path):
+    (tmp_path / "a.csv").write_text(",,a,y\n" + "".join(f"{i},{i},{i},{i % 2}\n" for i in range(8)))
+    prepared = prepare(DataSpec(dataset=None, data=str(tmp_path / "a.csv"), label="y", num_clients=2, test_fraction=0.0))
+    assert prepared.meta.num_features == 3
