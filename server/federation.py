@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -264,6 +265,11 @@ def run_federation(grid: Grid, job: ServerJob) -> dict:
     return result
 
 
+def _plain_number(value: float | None) -> float | str | None:
+    """``value`` for the audit log, which is plain JSON: an unbounded epsilon as "inf"."""
+    return "inf" if value is not None and math.isinf(value) else value
+
+
 def _claims_its_own_id(reply: Message, node_client: dict[int, int]) -> bool:
     claimed = int(_metrics(reply)[PARTITION_ID])
     if node_client.get(reply.metadata.src_node_id) == claimed:
@@ -472,9 +478,9 @@ def _run_rounds(grid: Grid, job: ServerJob, log: AuditLog, exchange_key) -> dict
                 "refused": sorted(r["client"] for r in spend if r["refused"]),
                 "rejected": rejected,
                 "flagged": [x["client"] for x in scores if x["flagged"]],
-                "epsilon_spent": {str(r["client"]): r["epsilon"] for r in spend if r.get("epsilon") is not None},
-                "epsilon": epsilons.get("epsilon"),
-                "client_epsilon": epsilons.get("client_epsilon"),
+                "epsilon_spent": {str(r["client"]): _plain_number(r["epsilon"]) for r in spend if r.get("epsilon") is not None},
+                "epsilon": _plain_number(epsilons.get("epsilon")),
+                "client_epsilon": _plain_number(epsilons.get("client_epsilon")),
                 "model_sha256": digest(weights),
             },
         )

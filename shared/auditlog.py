@@ -113,7 +113,9 @@ class AuditLog:
             If the log does not verify against ``signing_key``'s public key.
         """
         path = Path(path)
-        result, state = _verify(path, signing_key.public_key(), log_id)
+        # A log from before the head named its run may still be continued (by the key
+        # that signed it); from the next append on, its head is signed with the run id.
+        result, state = _verify(path, signing_key.public_key(), log_id, accept_legacy=True)
         if state is None:
             raise BadInput(f"cannot resume audit log {path}: {result.reason}")
         prev, head, size = state
@@ -211,7 +213,7 @@ def _check_line(line: bytes, n: int, prev: str) -> tuple[dict | None, str]:
     return entry, ""
 
 
-def _check_sig(path: Path, public_key: Ed25519PublicKey, log_id: str) -> tuple[int, str] | str:
+def _check_sig(path: Path, public_key: Ed25519PublicKey, log_id: str, accept_legacy: bool = False) -> tuple[int, str] | str:
     """Return the signed (seq, hash), or a one-line reason why the sidecar is not valid."""
     try:
         raw = path.read_bytes()
@@ -245,11 +247,13 @@ def _check_sig(path: Path, public_key: Ed25519PublicKey, log_id: str) -> tuple[i
             public_key.verify(signature, LEGACY_HEAD_DOMAIN + canonical({"seq": record["seq"], "hash": record["hash"]}))
         except InvalidSignature:
             return f"signature in {path} does not verify with the given public key for log {log_id!r} (wrong key, or another run's log)"
+        if accept_legacy:
+            return record["seq"], record["hash"]
         return f"{path} is signed in the old v1 format, which does not name the run, so it cannot show this is run {log_id!r}'s log"
     return record["seq"], record["hash"]
 
 
-def _verify(path: Path, public_key: Ed25519PublicKey, log_id: str) -> tuple[VerifyResult, tuple[str, str, int] | None]:
+def _verify(path: Path, public_key: Ed25519PublicKey, log_id: str, accept_legacy: bool = False) -> tuple[VerifyResult, tuple[str, str, int] | None]:
     """Verify ``path``; if ok, also return the last line's SHA-256, the head hash and the size."""
 
     def bad(entries: int, first_bad: int | None, reason: str) -> tuple[VerifyResult, None]:
@@ -271,7 +275,7 @@ def _verify(path: Path, public_key: Ed25519PublicKey, log_id: str) -> tuple[Veri
     if tail:
         return bad(count, count + 1, f"line {count + 1}: truncated (no final newline)")
 
-    signed = _check_sig(sig_path(path), public_key, log_id)
+    signed = _check_sig(sig_path(path), public_key, log_id, accept_legacy)
     if isinstance(signed, str):
         return bad(count, None, signed)
     signed_seq, signed_hash = signed
