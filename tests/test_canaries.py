@@ -206,7 +206,7 @@ PRIVATE_SEEDS = (5,)
 def canary_runs(tmp_path_factory):
     runs = tmp_path_factory.mktemp("canary-runs")
     overfit = run_json("run", "--dataset", "digits", "--clients", "2", "--rounds", "3", "--local-epochs", "20", "--seed", "3",
-                       "--model", "mlp", "--no-dp", "--canaries", "150", runs_dir=runs)
+                       "--model", "mlp", "--no-dp", "--canaries", "150", "--batch-size", "16", "--lr", "0.5", runs_dir=runs)
     private = {
         seed: run_json("run", "--dataset", "digits", "--clients", "3", "--rounds", "3", "--seed", str(seed), "--model", "logreg", "--dp",
                        "--client-dp", "--client-sample-rate", "1.0", "--client-clip", "1.0", "--client-noise-multiplier", "0.3",
