@@ -18,12 +18,12 @@ import warnings
 
 import torch
 
-from clients.training import GRAD_SAMPLE_MODE, DPSettings, train_local
+from bench.run_overhead import plain_round
 from server.runner import demo_configs
 from shared import planner
-from shared.data import client_data, client_sizes, prepare
+from shared.data import client_sizes, prepare
 from shared.evaluation import evaluate
-from shared.models import build_model, initial_model
+from shared.models import initial_model
 from shared.weights import load_numpy, state_to_numpy
 
 FLOOR = 0.88
@@ -31,28 +31,14 @@ FLOOR = 0.88
 
 def private_accuracy(cfg) -> float:
     """One replica of the demo's private run: its final test accuracy."""
-    spec = cfg.data_spec
-    meta = prepare(spec).meta
+    test = prepare(cfg.data_spec)
+    meta = test.meta
     name = cfg.model or meta.default_model
     model = initial_model(name, meta.num_features, meta.num_classes, meta.image_side, cfg.seed)
     weights = state_to_numpy(model)
-    for _ in range(cfg.rounds):
-        updates, sizes = [], []
-        for pid in range(cfg.clients):
-            data = client_data(spec, pid)
-            local = build_model(name, meta.num_features, meta.num_classes, meta.image_side)
-            load_numpy(local, weights)
-            result = train_local(
-                local, data.x_train, data.y_train, epochs=cfg.local_epochs, batch_size=cfg.batch_size,
-                learning_rate=cfg.lr, optimizer=cfg.optimizer, dp=DPSettings(cfg.noise_multiplier, cfg.max_grad_norm),
-                grad_sample_mode=GRAD_SAMPLE_MODE[name], seed=None,
-            )
-            updates.append(state_to_numpy(local))
-            sizes.append(result.num_examples)
-        total = sum(sizes)
-        weights = {k: sum(u[k] * n for u, n in zip(updates, sizes)) / total for k in weights}
+    for round_ in range(1, cfg.rounds + 1):
+        _, weights = plain_round(cfg, name, weights, round_, fresh_noise=True)
     load_numpy(model, weights)
-    test = prepare(spec)
     return evaluate(model, test.x_test, test.y_test)[1]
 
 

@@ -43,7 +43,8 @@ from shared.store import RunStore
 from shared.weights import load_numpy, state_to_numpy
 
 
-def plain_round(cfg, model_name: str, weights: dict, round_: int) -> tuple[float, dict]:
+def plain_round(cfg, model_name: str, weights: dict, round_: int, fresh_noise: bool = False) -> tuple[float, dict]:
+    """One FedAvg round in this process: (seconds, new weights). Seeded unless ``fresh_noise``."""
     spec = cfg.data_spec
     meta = prepare(spec).meta
     started = time.perf_counter()
@@ -56,7 +57,7 @@ def plain_round(cfg, model_name: str, weights: dict, round_: int) -> tuple[float
             model, data.x_train, data.y_train, epochs=cfg.local_epochs, batch_size=cfg.batch_size,
             learning_rate=cfg.lr, optimizer=cfg.optimizer,
             dp=DPSettings(cfg.noise_multiplier, cfg.max_grad_norm) if cfg.dp else None,
-            grad_sample_mode=GRAD_SAMPLE_MODE[model_name], seed=round_ * 1000 + pid,
+            grad_sample_mode=GRAD_SAMPLE_MODE[model_name], seed=None if fresh_noise else round_ * 1000 + pid,
         )
         updates.append(state_to_numpy(model))
         sizes.append(result.num_examples)

@@ -302,23 +302,24 @@ def test_verify_run_rejects_an_ended_run_whose_log_was_cut_back_to_an_older_sign
     assert not result.ok and "stops before run-end" in result.reason
 
 
-def test_a_log_signed_in_the_old_format_is_named_as_such(tmp_path):
+def _old_format_log(path: Path) -> Path:
+    """A log whose head is signed the way fedaudit signed it before heads named their run."""
     from shared.auditlog import LEGACY_HEAD_DOMAIN
 
-    path = write_log(tmp_path / "audit.jsonl", 2)
+    write_log(path, 2)
     record = json.loads(sig_path(path).read_text())
     legacy = KEY.sign(LEGACY_HEAD_DOMAIN + canonical({"seq": record["seq"], "hash": record["hash"]}))
     sig_path(path).write_bytes(canonical({**record, "signature": legacy.hex()}) + b"\n")
+    return path
+
+
+def test_a_log_signed_in_the_old_format_is_named_as_such(tmp_path):
+    path = _old_format_log(tmp_path / "audit.jsonl")
     result = verify_log(path, PUB)
     assert not result.ok and "old v1 format" in result.reason
 
 
 def test_a_log_in_the_old_format_can_still_be_resumed_and_is_then_bound(tmp_path):
-    from shared.auditlog import LEGACY_HEAD_DOMAIN
-
-    path = write_log(tmp_path / "audit.jsonl", 2)
-    record = json.loads(sig_path(path).read_text())
-    legacy = KEY.sign(LEGACY_HEAD_DOMAIN + canonical({"seq": record["seq"], "hash": record["hash"]}))
-    sig_path(path).write_bytes(canonical({**record, "signature": legacy.hex()}) + b"\n")
+    path = _old_format_log(tmp_path / "audit.jsonl")
     AuditLog.open_existing(path, KEY, "run-a").append("run-resume", {})
     assert verify_log(path, PUB, "run-a").ok and not verify_log(path, PUB, "run-b").ok
