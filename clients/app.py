@@ -32,6 +32,7 @@ from shared.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NODE_DATA_DIR, 
 from shared.weights import load_numpy, state_to_numpy  # noqa: E402
 
 LEDGER_KEY = "privacy-ledger"
+TRAINED_KEY = "fedaudit.trained"  # the last round this node trained in
 CANARY_KEY = "canary"
 
 
@@ -194,10 +195,23 @@ def training_seed(config, round_: int, pid: int) -> int | None:
     return derived_seed(int(config["data.seed"]), round_, pid)
 
 
+def check_not_replayed(context: Context, round_: int) -> None:
+    """Refuse a train instruction for a round this node already trained in.
+
+    The server asks each node once per round, so a second one is a replayed old message
+    (it opens fine: it was sealed for that round). Training on it would spend budget again.
+    """
+    done = context.state[TRAINED_KEY]["round"] if TRAINED_KEY in context.state else 0
+    if round_ <= done:
+        raise RuntimeError(f"refusing to train round {round_} again: this node already trained in round {done} (a replayed instruction?)")
+    context.state[TRAINED_KEY] = ConfigRecord({"round": round_})
+
+
 def train(msg: Message, context: Context, canaries: CanarySecret | None = None) -> Message:
     config = msg.content[CONFIG_KEY]
     spec = spec_from_record(config)
     pid = partition_id(context)
+    check_not_replayed(context, int(config["server-round"]))
     if is_canary_client(spec, pid):
         return canary_update(msg, pid, spec, canaries, float(config["client-clip"]))
     data, held = training_data(spec, pid, canaries, node_data(spec, context, config))

@@ -502,3 +502,34 @@ def test_an_unbounded_epsilon_goes_into_the_audit_log_as_text(tmp_path):
     log = AuditLog(tmp_path / "audit.jsonl", Ed25519PrivateKey.generate(), "r")
     entry = log.append("round", {"epsilon": _plain_number(float("inf")), "client_epsilon": _plain_number(None), "other": _plain_number(2.5)})
     assert entry["payload"] == {"epsilon": "inf", "client_epsilon": None, "other": 2.5}
+
+
+def test_a_node_refuses_a_replayed_train_instruction_and_spends_nothing(tmp_path, monkeypatch):
+    from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from clients.app import read_ledger, train
+    from server.federation import _config_record
+    from server.runner import prepare_run
+    from shared.config import resolve
+    from shared.models import initial_model
+    from shared.protocol import ARRAYS_KEY, CONFIG_KEY
+
+    for name in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, name, 1)
+    job = prepare_run(resolve(None, clients=3, rounds=2, seed=2, model="logreg", encrypt=False), tmp_path)
+    config = _config_record(job)
+    weights = {k: Array(v.detach().numpy()) for k, v in initial_model("logreg", 64, 10, 8, 2).state_dict().items()}
+    context = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+
+    def instruction(round_):
+        config["server-round"] = round_
+        return Message(RecordDict({CONFIG_KEY: config, ARRAYS_KEY: ArrayRecord(weights)}), dst_node_id=1, message_type="train")
+
+    train(instruction(1), context)
+    spent = read_ledger(context)
+    with pytest.raises(RuntimeError, match="refusing to train round 1 again"):
+        train(instruction(1), context)  # the same round's instruction, replayed
+    assert read_ledger(context) == spent
+    train(instruction(2), context)
+    assert len(read_ledger(context)) == 2
