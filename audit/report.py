@@ -41,7 +41,7 @@ from shared.data import DataSpec, Prepared, client_data, prepare
 from shared.errors import BadInput
 from shared.evaluation import evaluate, predict_proba
 from shared.models import build_model, parameter_count
-from shared.store import RunRecord, RunStore
+from shared.store import ENDED_NORMALLY, RunRecord, RunStore
 from shared.weights import digest, load_numpy
 
 # Attacks run on at most this many test records (a seeded subsample beyond it).
@@ -97,9 +97,6 @@ def load_run(store: RunStore, run_id: str) -> StoredRun:
 
 
 # --------------------------------------------------------------------------- gates
-ENDED_NORMALLY = ("completed", "budget-exhausted")
-
-
 @dataclass(frozen=True)
 class Gates:
     """Pass/fail thresholds of ``fedaudit audit``; None means the gate is not checked."""

@@ -8,7 +8,7 @@ from pathlib import Path
 from shared.auditlog import VerifyResult, verify_log
 from shared.crypto import load_registry
 from shared.errors import BadInput
-from shared.store import RunStore
+from shared.store import ENDED_NORMALLY, RunStore
 
 
 def verify_run(store: RunStore, run_id: str, keys_dir: str | Path | None = None) -> VerifyResult:
@@ -35,6 +35,6 @@ def verify_run(store: RunStore, run_id: str, keys_dir: str | Path | None = None)
         return VerifyResult(False, 0, 1, f"the log does not start with run {run_id}'s run-start entry")
     # Only a run that ended normally must have closed its log: a failed one may have
     # been stopped hard (a second Ctrl-C) before it could.
-    if record.status in ("completed", "budget-exhausted") and entries[-1]["kind"] != "run-end":
+    if record.status in ENDED_NORMALLY and entries[-1]["kind"] != "run-end":
         return VerifyResult(False, len(entries), len(entries) + 1, f"the run ended ({record.status}) but its log stops before run-end (cut back to an older signed head?)")
     return result

@@ -27,7 +27,7 @@ from shared.canaries import CanarySecret, canary_direction, load_secret  # noqa:
 from shared.evaluation import evaluate  # noqa: E402
 from shared.data import ClientData, DataMeta, client_data, label_histogram, local_client_data, prepare  # noqa: E402
 from shared.models import build_model  # noqa: E402
-from shared.planner import batches_per_epoch  # noqa: E402
+from shared.planner import planned_spend  # noqa: E402
 from shared.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NODE_DATA_DIR, NUM_EXAMPLES, PARTITION_ID, spec_from_record  # noqa: E402
 from shared.weights import load_numpy, state_to_numpy  # noqa: E402
 
@@ -145,12 +145,6 @@ def restore_ledger(msg: Message, context: Context) -> Message:
     restored = list(zip(record["sigma"], record["q"], record["steps"]))
     write_ledger(context, merged_ledger(read_ledger(context), restored))
     return _reply(msg, {PARTITION_ID: partition_id(context), "ledger-steps": sum(n for *_, n in read_ledger(context))})
-
-
-def planned_spend(num_records: int, batch_size: int, epochs: int, noise_multiplier: float) -> tuple[float, float, int]:
-    """The (sigma, q, steps) a round will spend: Opacus's Poisson loader uses q = 1/ceil(n/B)."""
-    batches = batches_per_epoch(num_records, batch_size)
-    return (noise_multiplier, 1.0 / batches, epochs * batches)
 
 
 def _refusal(msg: Message, pid: int, ledger, delta: float, cap: float) -> Message:

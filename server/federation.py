@@ -300,8 +300,7 @@ def _count_unanswered(store: RunStore, job: ServerJob, rnd: int, sent: list[Mess
         if ledgers.get(pid):
             sigma, q, steps = ledgers[pid][-1]
         else:
-            batches = planner.batches_per_epoch(sizes[pid], c.batch_size)
-            sigma, q, steps = c.noise_multiplier, 1.0 / batches, c.local_epochs * batches
+            sigma, q, steps = planner.planned_spend(sizes[pid], c.batch_size, c.local_epochs, c.noise_multiplier)
         rows.append({"round": rnd, "client": pid, "noise_multiplier": sigma, "sample_rate": q, "steps": steps})
     store.add_interrupted_spend(job.run_id, rows)
     full = store.ledger_with_interrupted(job.run_id)

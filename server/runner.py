@@ -29,7 +29,7 @@ from shared.crypto import init_keys, load_registry, load_server_keys
 from shared.data import client_sizes, prepare
 from shared.errors import BadInput
 from shared.models import build_model
-from shared.store import RunStore, atomic_write_bytes, new_run_id, resolve_runs_dir
+from shared.store import ENDED_NORMALLY, RunStore, atomic_write_bytes, new_run_id, resolve_runs_dir
 
 # The ClientApp is referenced the way Flower's own app config names it, so the
 # server package never imports the clients package.
@@ -174,7 +174,7 @@ def prepare_resume(run_id: str, runs_dir: str | Path | None, ray_address: str | 
     """
     store = RunStore(runs_dir)
     record = store.get_run(run_id)
-    if record.status in ("completed", "budget-exhausted"):
+    if record.status in ENDED_NORMALLY:
         raise BadInput(f"run {run_id} already ended with status {record.status}; nothing to resume")
     config = RunConfig.from_stored(record.config)
     if ray_address is not None:

@@ -34,6 +34,12 @@ def batches_per_epoch(num_records: int, batch_size: int) -> int:
     return -(-num_records // batch_size)
 
 
+def planned_spend(num_records: int, batch_size: int, epochs: int, noise_multiplier: float) -> tuple[float, float, int]:
+    """The (sigma, q, steps) a round will spend: Opacus's Poisson loader uses q = 1/ceil(n/B)."""
+    batches = batches_per_epoch(num_records, batch_size)
+    return (noise_multiplier, 1.0 / batches, epochs * batches)
+
+
 def sample_level_mechanisms(client_sizes: list[int], batch_size: int, local_epochs: int, rounds: int) -> list[Mechanism]:
     for flag, value in (("--batch-size", batch_size), ("--local-epochs", local_epochs), ("--rounds", rounds)):
         if value < 1:

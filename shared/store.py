@@ -116,6 +116,11 @@ CREATE TABLE IF NOT EXISTS clients (
 STATUSES = ("running", "completed", "failed", "budget-exhausted")
 
 
+# A run with one of these statuses finished its rounds (or its budget): nothing to resume,
+# a closed audit log, and its model may be gated.
+ENDED_NORMALLY = ("completed", "budget-exhausted")
+
+
 def resolve_runs_dir(runs_dir: str | Path | None = None) -> Path:
     return Path(runs_dir or os.environ.get(RUNS_DIR_ENV) or DEFAULT_RUNS_DIR).resolve()
 
@@ -175,9 +180,12 @@ class RunStore:
         finally:
             conn.close()
 
-    def _open(self) -> sqlite3.Connection:
+    def _require_folder(self) -> None:
         if self.root.exists() and not self.root.is_dir():
             raise BadInput(f"the runs folder {self.root} is a file, not a folder")
+
+    def _open(self) -> sqlite3.Connection:
+        self._require_folder()
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(self.db_path, timeout=30)
@@ -231,8 +239,7 @@ class RunStore:
         return self._record(row)
 
     def list_runs(self) -> list[RunRecord]:
-        if self.root.exists() and not self.root.is_dir():
-            raise BadInput(f"the runs folder {self.root} is a file, not a folder")
+        self._require_folder()
         if not self.db_path.exists():
             return []
         with self.connect() as conn:
