@@ -26,7 +26,7 @@ from pathlib import Path
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from shared.crypto import write_atomic
+from shared.files import write_atomic
 from shared.errors import BadInput
 
 GENESIS = "0" * 64

@@ -25,8 +25,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from shared.crypto import write_atomic
-from shared.errors import BadInput, read_input
+from shared.files import write_atomic
+from shared.errors import BadInput, make_dir, read_input
 
 CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY = "ca.crt", "ca.key", "server.pem", "server.key"
 DEFAULT_HOSTS = ("127.0.0.1", "localhost")
@@ -80,7 +80,7 @@ def init_certs(directory: str | Path, hosts: list[str] | tuple[str, ...] = DEFAU
     existing = [p.name for p in (paths.ca_cert, paths.ca_key, paths.server_cert, paths.server_key) if p.exists()]
     if existing:
         raise BadInput(f"certificate directory {paths.directory} already holds {', '.join(existing)}; refusing to overwrite")
-    paths.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    make_dir(paths.directory, "certificate directory", mode=0o700)
 
     now = dt.datetime.now(dt.timezone.utc)
     start, end = now - dt.timedelta(minutes=5), now + dt.timedelta(days=days)
@@ -123,11 +123,16 @@ def init_certs(directory: str | Path, hosts: list[str] | tuple[str, ...] = DEFAU
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
-    write_atomic(paths.ca_key, _key_pem(ca_key), 0o600)
-    write_atomic(paths.server_key, _key_pem(server_key), 0o600)
-    write_atomic(paths.server_cert, server_cert.public_bytes(serialization.Encoding.PEM), 0o644)
-    # Written last: a ca.crt present means the whole set exists.
-    write_atomic(paths.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    try:
+        write_atomic(paths.ca_key, _key_pem(ca_key), 0o600)
+        write_atomic(paths.server_key, _key_pem(server_key), 0o600)
+        write_atomic(paths.server_cert, server_cert.public_bytes(serialization.Encoding.PEM), 0o644)
+        # Written last: a ca.crt present means the whole set exists.
+        write_atomic(paths.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    except OSError as exc:
+        for written in (paths.ca_key, paths.server_key, paths.server_cert):
+            written.unlink(missing_ok=True)
+        raise BadInput(f"cannot write certificates in {paths.directory}: {exc.strerror}") from None
     return paths
 
 

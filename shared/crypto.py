@@ -31,7 +31,8 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from shared.errors import BadInput, read_input
+from shared.errors import BadInput, make_dir, read_input
+from shared.files import write_atomic
 
 SERVER_X25519 = "server.x25519.pem"
 SERVER_ED25519 = "server.ed25519.pem"
@@ -60,36 +61,6 @@ class EnvelopeError(Exception):
 def client_key_file(client_id: int) -> str:
     """File name of client ``client_id``'s X25519 private key."""
     return f"client-{client_id}.x25519.pem"
-
-
-def write_atomic(path: str | os.PathLike[str], data: bytes, mode: int = 0o644) -> None:
-    """Replace ``path`` with ``data`` so readers see the old or new file, never a mix.
-
-    The temporary file is created with ``mode`` from the start, so secret data is never
-    readable by others, not even briefly.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.urandom(4).hex()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    # The rename itself is only durable once the directory entry is on disk.
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # --------------------------------------------------------------------------- keys
@@ -124,8 +95,9 @@ def init_keys(directory: str | os.PathLike[str], num_clients: int, passphrase_en
     num_clients
         Number of clients; client ids are ``0 .. num_clients - 1``.
     passphrase_env
-        Name of an environment variable holding a passphrase. If it is set and non-empty,
-        private keys are encrypted with it; otherwise they are stored unencrypted.
+        Name of an environment variable holding the passphrase the private keys are
+        encrypted with; it must be set and non-empty. Without it the keys are stored
+        unencrypted.
 
     Returns
     -------
@@ -135,7 +107,8 @@ def init_keys(directory: str | os.PathLike[str], num_clients: int, passphrase_en
     Raises
     ------
     BadInput
-        If ``num_clients`` is not a positive integer, or the directory already holds keys.
+        If ``num_clients`` is not a positive integer, ``passphrase_env`` names an unset or
+        empty variable, the directory already holds keys, or it cannot be written.
     """
     if isinstance(num_clients, bool) or not isinstance(num_clients, int) or num_clients < 1:
         raise BadInput(f"number of clients must be a positive integer, got {num_clients!r}")
@@ -146,18 +119,23 @@ def init_keys(directory: str | os.PathLike[str], num_clients: int, passphrase_en
         raise BadInput(f"key directory {directory} exists and is not a directory")
     if directory.is_dir() and (any(directory.glob("*.pem")) or (directory / REGISTRY).exists()):
         raise BadInput(f"key directory {directory} already holds keys; refusing to overwrite them")
-    created = not directory.exists()
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     passphrase = _passphrase(passphrase_env)
+    if passphrase_env and passphrase is None:
+        # Asked to encrypt: writing the private keys in the clear instead would be silent.
+        raise BadInput(f"the passphrase variable {passphrase_env} is not set or empty; set it, or leave the keys unencrypted")
+    created = not directory.exists()
+    make_dir(directory, "key directory", mode=0o700)
     try:
         return _write_keys(directory, num_clients, passphrase)
-    except BaseException:
+    except BaseException as exc:
         # All or nothing: a half-written key folder would be refused as "already holds
         # keys" by the next init and as "no key registry" by a run.
         for written in [*directory.glob("*.pem"), directory / REGISTRY]:
             written.unlink(missing_ok=True)
         if created:
             shutil.rmtree(directory, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise BadInput(f"cannot write keys in {directory}: {exc.strerror}") from None
         raise
 
 

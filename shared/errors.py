@@ -6,7 +6,7 @@ class FedauditError(Exception):
 
 
 class BadInput(FedauditError):
-    """Alias kept short for call sites: ``raise BadInput("...")``."""
+    """The input itself is wrong (a flag, a file, a stored run): ``raise BadInput("...")``."""
 
 
 def read_input(path, what: str) -> bytes:
@@ -20,3 +20,13 @@ def read_input(path, what: str) -> bytes:
         raise BadInput(f"{what} {path} not found") from None
     except OSError as exc:
         raise BadInput(f"cannot read {what} {path}: {exc.strerror}") from None
+
+
+def make_dir(path, what: str, mode: int = 0o777) -> None:
+    """Create the folder ``what`` at ``path`` (parents too); an OS refusal is :class:`BadInput`."""
+    from pathlib import Path
+
+    try:
+        Path(path).mkdir(mode=mode, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BadInput(f"cannot create {what} {path}: {exc.strerror}") from None

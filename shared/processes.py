@@ -42,7 +42,7 @@ def children_of(pid: int) -> list[int]:
 
 def start_time(pid: int) -> str:
     """When ``pid`` started, in clock ticks since boot ("" once it is gone): tells a
-    reused PID from the process that had it."""
+    reused PID from the process that had it (the process-tree tests rely on it)."""
     fields = _stat_fields(pid)
     return fields[19] if len(fields) > 19 else ""
 
@@ -148,6 +148,16 @@ def _reap_others(proc: subprocess.Popen) -> None:
                 pass
 
 
+def open_log(log_path: Path):
+    """``--log-file`` opened for appending; one that cannot be is :class:`BadInput`."""
+    try:
+        return open(log_path, "ab")
+    except OSError as exc:
+        from shared.errors import BadInput
+
+        raise BadInput(f"cannot open --log-file {log_path}: {exc.strerror}") from None
+
+
 def run_foreground(cmd: list[str], env: dict, *, quiet: bool, log_path: Path | None = None, on_start=None) -> int:
     """Run ``cmd`` until it exits or this process gets SIGTERM/SIGINT; return its exit code.
 
@@ -155,7 +165,7 @@ def run_foreground(cmd: list[str], env: dict, *, quiet: bool, log_path: Path | N
     """
     stream = None
     if quiet:
-        stream = open(log_path, "ab") if log_path else subprocess.DEVNULL
+        stream = open_log(log_path) if log_path else subprocess.DEVNULL
     try:
         proc = subprocess.Popen(cmd, env=env, stdout=stream, stderr=subprocess.STDOUT if stream is not None else None)
     except FileNotFoundError:

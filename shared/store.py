@@ -14,7 +14,6 @@ import json
 import os
 import secrets
 import sqlite3
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from shared.errors import BadInput
+from shared.files import write_atomic
+from shared.results import finite_or_none
 
 DEFAULT_RUNS_DIR = "fedaudit-runs"
 RUNS_DIR_ENV = "FEDAUDIT_RUNS_DIR"
@@ -130,20 +131,13 @@ def new_run_id() -> str:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write a run-store file atomically, creating its folder; readable by its owner only."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, data, 0o600)
 
 
 def _nan_to_none(value: Any) -> Any:
+    # Only NaN: SQLite stores an infinite epsilon as is, and None would read as "no DP".
     if isinstance(value, float) and value != value:
         return None
     return value
@@ -373,11 +367,19 @@ class RunStore:
             return max(r["client_epsilon"] for r in rows), max((r["client_epsilon_rdp"] for r in rows if r["client_epsilon_rdp"] is not None), default=None)
         from shared import privacy
 
+        from shared.config import RunConfig
+
         record = self.get_run(run_id)
-        config = record.config
-        rate = config.get("client-sample-rate")
-        ledger = [(config["client-noise-multiplier"], rate if rate is not None else config["fraction"], max((r["round"] for r in rows), default=0) + extra)]
+        config = RunConfig.from_stored(record.config)
+        releases = max((r["round"] for r in rows), default=0) + extra
+        ledger = [(config.client_noise_multiplier, config.participation_rate, releases)]
         return privacy.epsilon(ledger, record.delta), privacy.epsilon(ledger, record.delta, "rdp")
+
+    def client_releases(self, run_id: str) -> int:
+        """How many noised models a client-level DP run has released: its rounds, and
+        the interrupted rounds whose model may already have gone out."""
+        rounds = [r["round"] for r in self.get_rounds(run_id) if r["client_epsilon"] is not None]
+        return max(rounds, default=0) + self.interrupted_releases(run_id)
 
     def interrupted_spend(self, run_id: str) -> dict[int, list[tuple[float, float, int]]]:
         with self.connect() as conn:
@@ -406,13 +408,10 @@ class RunStore:
                 )
 
     def record_flags(self, run_id: str, round_: int, scores: list[dict]) -> None:
-        def finite(v: float) -> float | None:
-            return v if v == v and abs(v) != float("inf") else None
-
         with self.connect() as conn:
             conn.executemany(
                 "INSERT OR REPLACE INTO flags (run_id, round, client, norm, cosine, z_norm, z_cosine, flagged) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                [(run_id, round_, s["client"], s["norm"], s["cosine"], finite(s["z_norm"]), finite(s["z_cosine"]), int(s["flagged"])) for s in scores],
+                [(run_id, round_, s["client"], s["norm"], s["cosine"], finite_or_none(s["z_norm"]), finite_or_none(s["z_cosine"]), int(s["flagged"])) for s in scores],
             )
 
     def get_flags(self, run_id: str) -> list[dict]:
@@ -439,6 +438,13 @@ class RunStore:
         for client, extra in self.interrupted_spend(run_id).items():
             ledgers[client] = ledgers.get(client, []) + extra
         return ledgers
+
+    def trained_clients(self, run_id: str) -> list[int]:
+        """Clients that trained in at least one round (refusals and evaluation-only rows aside)."""
+        with self.connect() as conn:
+            rows = conn.execute("SELECT DISTINCT client FROM client_rounds WHERE run_id = ? AND num_examples > 0 AND refused = 0 ORDER BY client",
+                                (run_id,)).fetchall()
+        return [r["client"] for r in rows]
 
     def ledger(self, run_id: str, up_to_round: int | None = None) -> dict[int, list[tuple[float, float, int]]]:
         """Each client's (noise multiplier, sample rate, steps) history, in round order."""

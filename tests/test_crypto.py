@@ -104,9 +104,11 @@ def test_passphrase_round_trip(tmp_path, monkeypatch):
     assert raw(server_x.public_key()) == raw(load_registry(keydir).server_x25519)
 
 
-def test_empty_passphrase_means_unencrypted(tmp_path, monkeypatch):
+def test_an_empty_passphrase_is_refused_when_making_keys_and_reads_unencrypted_ones(tmp_path, monkeypatch):
     monkeypatch.setenv(PASS_VAR, "")
-    keydir = init_keys(tmp_path / "keys", 1, passphrase_env=PASS_VAR)
+    with pytest.raises(BadInput, match="is not set or empty"):
+        init_keys(tmp_path / "keys", 1, passphrase_env=PASS_VAR)
+    keydir = init_keys(tmp_path / "keys", 1)
     assert (keydir / "client-0.x25519.pem").read_bytes().startswith(b"-----BEGIN PRIVATE KEY-----")
     load_client_private_key(keydir, 0, passphrase_env=PASS_VAR)
 
@@ -361,3 +363,12 @@ def test_key_init_is_all_or_nothing(tmp_path, monkeypatch):
     crypto.init_keys(tmp_path / "keys", 10)  # a retry works
     with pytest.raises(crypto.BadInput, match="<= 100,000"):
         crypto.init_keys(tmp_path / "more", 10**11)
+
+
+def test_keys_are_never_silently_left_unencrypted(tmp_path, monkeypatch):
+    from shared.errors import BadInput
+
+    monkeypatch.delenv("FEDAUDIT_TEST_PASS", raising=False)
+    with pytest.raises(BadInput, match="FEDAUDIT_TEST_PASS is not set or empty"):
+        init_keys(tmp_path / "keys", 2, "FEDAUDIT_TEST_PASS")
+    assert not (tmp_path / "keys").exists()
