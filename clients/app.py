@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from clients.attacks import corrupt_update, flip_labels  # noqa: E402
-from clients.encryption import encryption_mod  # noqa: E402
+from clients.encryption import encryption_mod, message_category  # noqa: E402
 from clients.training import GRAD_SAMPLE_MODE, DPSettings, derived_seed, train_local  # noqa: E402
 from shared import privacy  # noqa: E402
 from shared.canaries import CanarySecret, canary_direction, load_secret  # noqa: E402
@@ -147,7 +147,7 @@ def restore_ledger(msg: Message, context: Context) -> Message:
     return _reply(msg, {PARTITION_ID: partition_id(context), "ledger-steps": sum(n for *_, n in read_ledger(context))})
 
 
-def _refusal(msg: Message, pid: int, ledger, delta: float, cap: float) -> Message:
+def _refusal(msg: Message, pid: int, ledger, delta: float) -> Message:
     current = privacy.epsilon(ledger, delta)
     return _reply(
         msg,
@@ -201,11 +201,25 @@ def check_not_replayed(context: Context, round_: int) -> None:
     context.state[TRAINED_KEY] = ConfigRecord({"round": round_})
 
 
+def replay_guard_mod(msg: Message, context: Context, call_next) -> Message:
+    """A node trains at most once per round (:func:`check_not_replayed`).
+
+    It runs inside :func:`clients.encryption.encryption_mod`, so it judges an opened,
+    authenticated instruction, and before the handler, so a refused one spends nothing.
+    """
+    if message_category(msg) == "train" and msg.has_content():
+        check_not_replayed(context, int(msg.content[CONFIG_KEY]["server-round"]))
+    return call_next(msg, context)
+
+
+# The ClientApp's mods, outermost first: a ClientApp built from these handlers needs them all.
+CLIENT_MODS = (encryption_mod, replay_guard_mod)
+
+
 def train(msg: Message, context: Context, canaries: CanarySecret | None = None) -> Message:
     config = msg.content[CONFIG_KEY]
     spec = spec_from_record(config)
     pid = partition_id(context)
-    check_not_replayed(context, int(config["server-round"]))
     if is_canary_client(spec, pid):
         return canary_update(msg, pid, spec, canaries, float(config["client-clip"]))
     data, held = training_data(spec, pid, canaries, node_data(spec, context, config))
@@ -216,7 +230,7 @@ def train(msg: Message, context: Context, canaries: CanarySecret | None = None) 
         ledger = read_ledger(context)
         if privacy.epsilon(ledger + [plan], delta) > cap:
             # A normal reply, not a failure: this client's budget cannot cover a round.
-            return _refusal(msg, pid, ledger, delta, cap)
+            return _refusal(msg, pid, ledger, delta)
     meta = data_meta(spec, config)
     model_name, model = _model_for(config, meta)
     load_numpy(model, _arrays(msg))
@@ -302,7 +316,7 @@ def build_app(canaries_file: str | None = None) -> ClientApp:
         # would start empty each time: cache per worker process instead.
         return _cached_secret(canaries_file) if canaries_file else None
 
-    client_app = ClientApp(mods=[encryption_mod])
+    client_app = ClientApp(mods=list(CLIENT_MODS))
 
     @client_app.query()
     def _describe(msg: Message, context: Context) -> Message:
@@ -322,3 +336,18 @@ def build_app(canaries_file: str | None = None) -> ClientApp:
 
 
 app = build_app()
+
+
+def app_for_job(job) -> ClientApp:
+    """The ClientApp for a simulation job (anything with ``run_id``, ``runs_dir`` and
+    ``config``): one that plays the run's canaries when it has any.
+
+    The caller hands it to the server's simulation driver, so the server package never
+    imports this one.
+    """
+    if job.config.canaries or job.config.canary_clients:
+        from shared.canaries import SECRET_FILE
+        from shared.store import RunStore
+
+        return build_app(str(RunStore(job.runs_dir).run_dir(job.run_id) / SECRET_FILE))
+    return app

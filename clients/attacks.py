@@ -15,7 +15,6 @@ from __future__ import annotations
 import numpy as np
 
 
-from shared.config import ATTACKS  # noqa: F401  (the choices, validated with the run config)
 SIGN_FLIP_BOOST = 4.0
 SCALE_BOOST = 10.0
 

@@ -11,7 +11,13 @@ Each round is one Poisson-subsampled Gaussian mechanism over clients:
 The noised mean update is handed to the inner strategy as a single reply, so FedAvg
 applies it as is and FedAdam/FedProx post-process it; post-processing keeps the DP
 guarantee. Participation must be Poisson (see ``ParticipatingClients``), which is what
-the accountant assumes.
+the accountant assumes. Robust aggregators are refused with it (``RunConfig.validate``):
+they would see one update.
+
+Why not Flower's ``DifferentialPrivacyServerSideFixedClipping``: it samples a fixed
+number of clients per round and divides by the realised count, so neither the Poisson
+subsampling the accountant needs nor the fixed q*N denominator fits; and Flower's
+wrappers keep no accountant. This wrapper composes the same way (any inner strategy).
 """
 
 from __future__ import annotations

@@ -13,13 +13,13 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from server.federation import ServerJob, run_federation
 from shared.errors import BadInput
 from shared.results import b64, encode_bundle, event_line, finite_or_none
-from shared.store import RunStore
+from shared.store import RUNS_DIR_ENV, RunStore
 
 ENGINE_KEY = "fedaudit-engine"
 RUN_ID_KEY = "run-id"
@@ -37,6 +37,61 @@ TABLES = ("runs", "clients", "rounds", "client_rounds", "interrupted_spend", "in
 RESULT_FILES = ("audit.jsonl", "audit.jsonl.sig", "model.safetensors", "model.json", "config.toml")
 # A bundle this large would strain Flower's log channel: the model is left on the server.
 MAX_MODEL_BYTES = 4 * 1024 * 1024
+
+
+@dataclass
+class SuperLinkLaunch:
+    """What ``fedaudit superlink`` starts: the command, the environment it adds and a banner."""
+
+    command: list[str]
+    environment: dict[str, str]
+    banner: str
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Name a taken port before Flower's SuperLink would exit with code 1 and no reason."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        # As gRPC binds: a port a stopped SuperLink left in TIME_WAIT is free to use.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise BadInput(f"cannot listen on {host}:{port}: {exc.strerror} (another SuperLink on that port?)") from None
+
+
+def superlink_launch(*, certs: str | Path | None, insecure: bool, host: str, port: int, keys: str | Path | None,
+                     keys_passphrase_env: str | None, runs_dir: str | Path | None, database: str | Path | None,
+                     log_file: str | Path | None = None) -> SuperLinkLaunch:
+    """Check a SuperLink's keys and run store, create the store, and say how to start it.
+
+    The ServerApps the SuperLink starts find the server's run store and keys through
+    the environment, so nothing secret travels in a run's config.
+    """
+    from server.runner import check_keys
+    from shared.crypto import load_registry
+    from shared.errors import make_dir
+    from shared.processes import open_log, superlink_command
+    from shared.store import resolve_runs_dir
+
+    runs = resolve_runs_dir(runs_dir)
+    environment = {RUNS_DIR_ENV: str(runs)}
+    if keys is not None:
+        keys = Path(keys).resolve()
+        check_keys(keys, len(load_registry(keys).clients), keys_passphrase_env)
+        environment[KEYS_DIR_ENV] = str(keys)
+        if keys_passphrase_env:
+            environment[KEYS_PASSPHRASE_ENV_ENV] = keys_passphrase_env
+    command = superlink_command(certs=certs, insecure=insecure, host=host, port=port, database=Path(database or runs / "superlink.db").resolve())
+    _check_port_free(host, port)
+    if log_file is not None:
+        open_log(Path(log_file)).close()  # named before anything is written
+    make_dir(runs, "run store")
+    mode = "plain text (--insecure)" if insecure else f"TLS with {Path(certs).resolve()}"
+    banner = f"SuperLink on {host}:{port}, {mode}; server run store {runs}" + ("" if keys else "; no --keys: encrypted runs will be refused")
+    return SuperLinkLaunch(command, environment, banner)
 
 
 def is_deployment(run_config: dict) -> bool:
@@ -59,7 +114,7 @@ def deployment_job(run_config: dict, environ: dict | None = None) -> ServerJob:
     encrypt = bool(settings.get("encrypt", True))
     if encrypt and not keys_dir:
         raise BadInput("encryption is on but the SuperLink host has no keys: start it with `fedaudit superlink --keys DIR`")
-    runs_dir = settings.get("runs-dir") or env.get("FEDAUDIT_RUNS_DIR") or None
+    runs_dir = settings.get("runs-dir") or env.get(RUNS_DIR_ENV) or None
     settings["runs-dir"] = runs_dir or ""
     store = RunStore(runs_dir)
     placeholder = _take_placeholder(store, run_id)
@@ -133,6 +188,11 @@ def run_deployment(grid, run_config: dict, emit: Callable[[str], None] | None = 
         status = run_federation(grid, job)["status"]
     except Exception as exc:  # recorded as failed, reported, then re-raised for Flower
         status, error = "failed", _one_line(exc)
+    except BaseException:
+        # `flwr stop` ends the ServerApp through Flower's signal handler (SystemExit):
+        # the server's store must not keep the run as running for good.
+        store.finish_run(job.run_id, "failed", "stopped on the SuperLink before it finished")
+        raise
     store.finish_run(job.run_id, status, error)
     store.update_run(job.run_id, info={"seconds": time.time() - started})
     if error:

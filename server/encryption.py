@@ -45,7 +45,7 @@ from shared.crypto import (
     unpack_arrays,
 )
 from shared.errors import BadInput
-from shared.protocol import replace_record, ARRAYS_KEY, BLOB_KEY, CONFIG_KEY, KEYS_DIR, KEYS_PASSPHRASE_ENV, METRICS_KEY, REFUSED_KEY, SEALED_KEY
+from shared.protocol import replace_record, ARRAYS_KEY, BLOB_KEY, CONFIG_KEY, KEYS_DIR, METRICS_KEY, REFUSED_KEY, SEALED_KEY
 
 # At most this many ciphertext bytes are decrypted per rejected reply while working out
 # *why* it failed authentication (replay, moved, reflected). Only failures pay for it.
@@ -104,7 +104,7 @@ class EncryptedExchange(Strategy):
         ``round -> [{"node", "client", "kind", "reason"}]`` for every train reply that
         was left out of aggregation. ``kind`` is one of ``unknown-client``,
         ``plaintext``, ``missing-payload``, ``tampered``, ``replayed``, ``moved``,
-        ``reflected``, ``malformed``, ``wrong-shape``, ``non-finite``.
+        ``reflected``, ``malformed``, ``wrong-shape``, ``non-finite``, ``duplicate``.
     last_accepted
         The train replies of the latest :meth:`verify_train` / :meth:`aggregate_train`
         call that were accepted, with their plaintext ``"arrays"`` restored (metrics

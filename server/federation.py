@@ -35,7 +35,7 @@ from shared.config import RunConfig
 from shared.data import prepare
 from shared.evaluation import evaluate, predict_proba
 from shared.models import initial_model
-from shared.protocol import CONFIG_KEY, KEYS_DIR, KEYS_PASSPHRASE_ENV, METRICS_KEY, NUM_EXAMPLES, PARTITION_ID, spec_to_record
+from shared.protocol import ARRAYS_KEY, CONFIG_KEY, KEYS_DIR, KEYS_PASSPHRASE_ENV, METRICS_KEY, NUM_EXAMPLES, PARTITION_ID, spec_to_record
 from shared.results import finite_or_none
 from shared.store import RunStore, atomic_write_bytes
 from shared.weights import digest, load_numpy, state_to_numpy
@@ -422,7 +422,7 @@ def _run_rounds(grid: Grid, job: ServerJob, log: AuditLog, exchange_key) -> dict
             reasons = "; ".join(f"client {r['client']}: {r['reason']}" for r in rejected) or "replies missing"
             raise FederationError(f"round {rnd}: {len(real)} valid replies, fewer than --min-replies {c.min_replies} ({reasons})")
 
-        updates = {int(_metrics(r)[PARTITION_ID]): {k: a.numpy() for k, a in r.content["arrays"].items()} for r in trained}
+        updates = {int(_metrics(r)[PARTITION_ID]): {k: a.numpy() for k, a in r.content[ARRAYS_KEY].items()} for r in trained}
         scores = score_updates(weights, {pid: u for pid, u in updates.items() if pid < c.clients})
         store.record_flags(job.run_id, rnd, scores)
 
@@ -453,6 +453,7 @@ def _run_rounds(grid: Grid, job: ServerJob, log: AuditLog, exchange_key) -> dict
         load_numpy(model, weights)
         loss, accuracy = evaluate(model, prepared.x_test, prepared.y_test)
         _save_weights(run_dir / "checkpoints" / f"round-{rnd:04d}.safetensors", weights)
+        model_sha256 = digest(weights)
         seconds = time.time() - started
         store.record_round(
             job.run_id,
@@ -464,7 +465,7 @@ def _run_rounds(grid: Grid, job: ServerJob, log: AuditLog, exchange_key) -> dict
                 "federated_loss": _weighted_mean(client_eval, "loss"),
                 "train_loss": _weighted_mean([{NUM_EXAMPLES: r["num_examples"], "v": r["train_loss"]} for r in spend], "v"),
                 "seconds": seconds,
-                "model_sha256": digest(weights),
+                "model_sha256": model_sha256,
             },
             client_eval,
         )
@@ -480,7 +481,7 @@ def _run_rounds(grid: Grid, job: ServerJob, log: AuditLog, exchange_key) -> dict
                 "epsilon_spent": {str(r["client"]): _plain_number(r["epsilon"]) for r in spend if r.get("epsilon") is not None},
                 "epsilon": _plain_number(epsilons.get("epsilon")),
                 "client_epsilon": _plain_number(epsilons.get("client_epsilon")),
-                "model_sha256": digest(weights),
+                "model_sha256": model_sha256,
             },
         )
         if job.on_round:

@@ -6,8 +6,6 @@ creates the run in the store, starts the simulation and records how it ended.
 
 from __future__ import annotations
 
-import importlib
-import math
 import os
 import shutil
 import signal
@@ -24,17 +22,13 @@ import tomli_w
 from server.federation import RoundReport, ServerJob
 from shared import planner, privacy, processes
 from shared.canaries import SECRET_FILE, draw_secret, save_secret
-from shared.config import RunConfig
+from shared.config import RunConfig, resolve
 from shared.crypto import init_keys, load_registry, load_server_keys
 from shared.data import client_sizes, prepare
 from shared.errors import BadInput
 from shared.models import build_model
-from shared.store import ENDED_NORMALLY, RunStore, atomic_write_bytes, new_run_id, resolve_runs_dir
-
-# The ClientApp is referenced the way Flower's own app config names it, so the
-# server package never imports the clients package.
-CLIENT_APP_REF = "clients.app:app"
-CLIENT_APP_FACTORY_REF = "clients.app:build_app"
+from shared.store import ENDED_NORMALLY, RunStore, atomic_write_bytes, new_run_id
+from shared.summary import summarize
 
 
 @dataclass
@@ -68,7 +62,8 @@ def preflight(config: RunConfig) -> Preflight:
         delta = config.delta
     else:
         delta = privacy.default_delta(smallest if config.dp else None, config.nodes if config.client_dp else None)
-        notes.append(f"delta = {delta:g} (default: below 1/(records of the smallest client)" + (" and 1/(number of clients)" if config.client_dp else "") + ")")
+        if config.dp or config.client_dp:  # a non-private run has no delta to speak of
+            notes.append(f"delta = {delta:g} (default: below 1/(records of the smallest client)" + (" and 1/(number of clients)" if config.client_dp else "") + ")")
     if config.dp and delta >= 1.0 / smallest:
         raise BadInput(f"--delta {delta:g} must be below 1/(smallest client's records) = 1/{smallest} = {1.0 / smallest:.3g}")
     if config.client_dp and delta >= 1.0 / config.nodes:
@@ -176,6 +171,10 @@ def prepare_resume(run_id: str, runs_dir: str | Path | None, ray_address: str | 
     record = store.get_run(run_id)
     if record.status in ENDED_NORMALLY:
         raise BadInput(f"run {run_id} already ended with status {record.status}; nothing to resume")
+    if record.info.get("engine") == "deployment":
+        raise BadInput(f"run {run_id} ran on the Deployment Engine; --resume continues simulation runs only (start a new deployment run)")
+    if "keys_dir" not in record.info or "model" not in record.info:
+        raise BadInput(f"run {run_id} was stopped before it was set up; there is nothing to resume (start it again)")
     config = RunConfig.from_stored(record.config)
     if ray_address is not None:
         config = replace(config, ray_address=ray_address)
@@ -202,19 +201,6 @@ class RunOutcome:
     summary: dict
 
 
-def _load(ref: str):
-    module, _, attr = ref.partition(":")
-    return getattr(importlib.import_module(module), attr)
-
-
-def client_app_for(job: ServerJob):
-    """The ClientApp for ``job``: one that plays the run's canaries when it has any."""
-    secret = RunStore(job.runs_dir).run_dir(job.run_id) / SECRET_FILE
-    if job.config.canaries or job.config.canary_clients:
-        return _load(CLIENT_APP_FACTORY_REF)(str(secret))
-    return _load(CLIENT_APP_REF)
-
-
 def ray_init_args(config: RunConfig, verbose: bool = False) -> dict:
     """The ``ray.init`` arguments of a run (Flower's RayBackend passes them through).
 
@@ -234,13 +220,15 @@ def ray_init_args(config: RunConfig, verbose: bool = False) -> dict:
 
 def run_simulation_job(
     job: ServerJob,
+    client_app,
     *,
     verbose: bool = False,
     on_round: Callable[[RoundReport], None] | None = None,
     on_clients: Callable[[list[dict]], None] | None = None,
-    client_app=None,
 ) -> RunOutcome:
-    """Run ``job`` on the Simulation Engine and record its final status."""
+    """Run ``job`` on the Simulation Engine with ``client_app`` (``clients.app.app_for_job``,
+    given by the caller: the server package does not import the clients package) and
+    record its final status."""
     from shared import quiet
 
     quiet.configure(verbose)
@@ -263,7 +251,7 @@ def run_simulation_job(
     try:
         run_simulation(
             server_app=make_server_app(job),
-            client_app=client_app or client_app_for(job),
+            client_app=client_app,
             num_supernodes=job.config.nodes,
             backend_config=backend_config,
             verbose_logging=verbose,
@@ -310,189 +298,7 @@ def _stop_on_interrupt(job: ServerJob, store: RunStore):
     return signal.signal(signal.SIGINT, handler)
 
 
-def summarize(store: RunStore, run_id: str) -> dict:
-    """The run's headline numbers, as ``fedaudit run --json`` prints them."""
-    record = store.get_run(run_id)
-    rounds = store.get_rounds(run_id)
-    finished = [r for r in rounds if r["accuracy"] is not None]
-    last = finished[-1] if finished else {}
-    dp = record.config.get("dp", False)
-    client_dp = record.config.get("client-dp", False)
-    ledger = store.ledger(run_id)
-    cap = record.config.get("max-epsilon")
-    epsilon = max((r["epsilon"] for r in rounds if r["epsilon"] is not None), default=None) if dp else None
-    epsilon_rdp = max((r["epsilon_rdp"] for r in rounds if r["epsilon_rdp"] is not None), default=None) if dp else None
-    if dp and store.interrupted_spend(run_id):
-        # A resumed run that stopped before a new round: the interrupted round's spend is
-        # in no rounds row, but it was spent.
-        full = store.ledger_with_interrupted(run_id).values()
-        epsilon = max([e for e in [epsilon] if e is not None] + [privacy.epsilon(l, record.delta) for l in full])
-        epsilon_rdp = max([e for e in [epsilon_rdp] if e is not None] + [privacy.epsilon(l, record.delta, "rdp") for l in full])
-    client_epsilon, client_epsilon_rdp = store.client_epsilons(run_id) if client_dp else (None, None)
-    accountant = privacy.HEADLINE_ACCOUNTANT if (dp or client_dp) else None
-    notes = list(record.info.get("notes", []))
-    # PRV gives up (infinity) on huge spends where RDP still bounds epsilon; both are
-    # valid upper bounds, and JSON would print infinity as null, which means "no DP".
-    if any(e is not None and not math.isfinite(e) for e in (epsilon, client_epsilon)):
-        epsilon, client_epsilon = (e if e is None or math.isfinite(e) else r for e, r in ((epsilon, epsilon_rdp), (client_epsilon, client_epsilon_rdp)))
-        accountant = "rdp"
-        notes.append("the PRV accountant could not bound epsilon (it is huge); the RDP bound is reported instead")
-    return {
-        "run_id": run_id,
-        "status": record.status,
-        "error": record.error,
-        "rounds": len(finished),
-        "accuracy": last.get("accuracy"),
-        "loss": last.get("loss"),
-        "f1_macro": record.info.get("f1_macro"),
-        "epsilon": epsilon,
-        "epsilon_rdp": epsilon_rdp,
-        "client_epsilon": client_epsilon,
-        "client_epsilon_rdp": client_epsilon_rdp,
-        "delta": record.delta if (dp or client_dp) else None,
-        "accountant": accountant,
-        "privacy_unit": ", ".join(u for u, on in ((SAMPLE_UNIT, dp), (CLIENT_UNIT, client_dp)) if on) or None,
-        "noise_multiplier": record.config.get("noise-multiplier") if dp else None,
-        "client_noise_multiplier": record.config.get("client-noise-multiplier") if client_dp else None,
-        "max_epsilon": cap,
-        "budget_left": _budget_left(cap, epsilon, client_epsilon),
-        "notes": notes,
-        "encrypted": record.config.get("encrypt", True),
-        "audit_log": str(store.run_dir(run_id) / "audit.jsonl"),
-        "clients_trained": len(ledger),
-        "wall_time": record.wall_time,
-        "run_dir": str(store.run_dir(run_id)),
-    }
-
-
-SAMPLE_UNIT = "record (one training example within one client's data)"
-CLIENT_UNIT = "client (all of one client's data)"
-
-
-def _budget_left(cap: float | None, *spent: float | None) -> float | None:
-    used = [e for e in spent if e is not None]
-    return None if cap is None or not used else max(0.0, cap - max(used))
-
-
-PRIVACY_ASSUMPTIONS = (
-    "Poisson sampling: each record joins each local step independently with probability q; "
-    "under client-level DP each client joins each round independently with probability q",
-    "add/remove-one neighbouring datasets: epsilon bounds what one record changes",
-    "each client's epsilon covers its own records only; clients compose in parallel, so the run's epsilon is the largest client's",
-    "epsilon composes over every round in which that client trained (listed per client)",
-    "model initialisation, feature scaling and, under sample-level DP only, which clients train each round are treated as public",
-    "each client's reported metrics (record count, label histogram, training loss, validation loss and accuracy) "
-    "are exact and released outside epsilon, to the server and into the run store",
-)
-
-
-def describe_run(store: RunStore, run_id: str) -> dict:
-    """Config, per-round metrics and the privacy ledger of one run (``fedaudit show``)."""
-    record = store.get_run(run_id)
-    rounds = store.get_rounds(run_id)
-    report = {
-        "run_id": run_id,
-        "status": record.status,
-        "error": record.error,
-        "config": record.config,
-        "delta": record.delta,
-        "wall_time": record.wall_time,
-        "clients": store.get_clients(run_id),
-        "rounds": [
-            {
-                "round": r["round"],
-                "accuracy": r["accuracy"],
-                "loss": r["loss"],
-                "federated_accuracy": r["federated_accuracy"],
-                "epsilon": r["epsilon"],
-                "epsilon_rdp": r["epsilon_rdp"],
-                "client_epsilon": r["client_epsilon"],
-                "participants": r["participants"],
-                "seconds": r["seconds"],
-                "model_sha256": r["model_sha256"],
-                "clients": [
-                    {
-                        "client": c["client"],
-                        "epsilon": c["epsilon"],
-                        "epsilon_rdp": c["epsilon_rdp"],
-                        "refused": bool(c["refused"]),
-                        "num_examples": c["num_examples"],
-                        "train_loss": c["train_loss"],
-                        "noise_multiplier": c["noise_multiplier"],
-                        "sample_rate": c["sample_rate"],
-                        "steps": c["steps"],
-                        "val_accuracy": c["val_accuracy"],
-                    }
-                    for c in r["clients"]
-                    if c["steps"] is not None or c["num_examples"] is not None
-                ],
-            }
-            for r in rounds
-        ],
-    }
-    summary = summarize(store, run_id)
-    units = []
-    if record.config.get("dp"):
-        trained: dict[int, list[int]] = {}
-        refused: dict[int, list[int]] = {}
-        for r in rounds:
-            for c in r["clients"]:
-                if c["steps"]:
-                    trained.setdefault(c["client"], []).append(r["round"])
-                elif c["refused"]:
-                    refused.setdefault(c["client"], []).append(r["round"])
-        units.append(
-            {
-                "unit": SAMPLE_UNIT,
-                "mechanism": "DP-SGD on each client: Poisson-subsampled Gaussian mechanism over its records",
-                "epsilon": summary["epsilon"],
-                "epsilon_rdp": summary["epsilon_rdp"],
-                "noise_multiplier": summary["noise_multiplier"],
-                "rounds_trained": {str(k): v for k, v in sorted(trained.items())},
-                "rounds_refused": {str(k): v for k, v in sorted(refused.items())},
-                "interrupted_spend": {str(k): v for k, v in store.interrupted_spend(run_id).items()},
-            }
-        )
-    if record.config.get("client-dp"):
-        units.append(
-            {
-                "unit": CLIENT_UNIT,
-                "mechanism": "DP-FedAvg at the server: each update clipped to C, N(0, z^2 C^2) added to the sum, divided by q*N",
-                "epsilon": summary["client_epsilon"],
-                "epsilon_rdp": summary["client_epsilon_rdp"],
-                "noise_multiplier": summary["client_noise_multiplier"],
-                "sample_rate": record.config.get("client-sample-rate") or record.config.get("fraction"),
-                "rounds": len(rounds),
-            }
-        )
-    if units:
-        report["privacy"] = {
-            "accountant": privacy.HEADLINE_ACCOUNTANT,
-            "accountants": list(privacy.ACCOUNTANTS),
-            "delta": record.delta,
-            "epsilon": summary["epsilon"],
-            "client_epsilon": summary["client_epsilon"],
-            "max_epsilon": summary["max_epsilon"],
-            "budget_left": summary["budget_left"],
-            "units": units,
-            "assumptions": list(PRIVACY_ASSUMPTIONS),
-        }
-        if record.config.get("dp"):
-            report["privacy"]["rounds_trained"] = units[0]["rounds_trained"]
-    return report
-
-
 def demo_configs() -> list[tuple[str, RunConfig]]:
     """The two runs of ``fedaudit demo``: identical but for DP."""
-    from shared.config import resolve
-
     base = dict(dataset="digits", clients=10, partition="iid", seed=0, delta=1e-5)
     return [("non-private", resolve(None, dp=False, **base)), ("private", resolve(None, dp=True, **base))]
-
-
-def run(config: RunConfig, runs_dir: str | Path | None = None, **kwargs) -> RunOutcome:
-    """Check, create and run a job: the whole of ``fedaudit run``."""
-    job = prepare_run(config, runs_dir)
-    return run_simulation_job(job, **kwargs)
-
-

@@ -21,10 +21,12 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -305,6 +307,19 @@ def _follow(cmd: list[str], env: dict, cwd: Path, reader: LogReader, on_line: Ca
     return proc.returncode, own
 
 
+def _sigterm_as_ctrl_c():
+    """SIGTERM (``kill``, ``timeout``) stops a deployment run as Ctrl-C does: on the
+    SuperLink too, and recorded as failed. Returns the previous handler (None off the
+    main thread, where signals cannot be handled)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, handler)
+
+
 def run_deployment_job(
     job: DeploymentJob,
     *,
@@ -315,7 +330,7 @@ def run_deployment_job(
     echo: Callable[[str], None] | None = None,
 ) -> dict:
     """Submit ``job``, follow it, import its results; return the run's summary."""
-    from server.runner import summarize
+    from shared.summary import summarize
 
     store = RunStore(job.runs_dir)
     reader = LogReader()
@@ -338,6 +353,8 @@ def run_deployment_job(
             echo(line.rstrip())
 
     error = None
+    interrupted = False
+    previous_term = _sigterm_as_ctrl_c()
     try:
         with tempfile.TemporaryDirectory(prefix="fedaudit-deploy-") as tmp:
             tmp_path = Path(tmp)
@@ -351,11 +368,15 @@ def run_deployment_job(
                     _, more = _follow([flwr, "log", str(job.flower_run_id), CONNECTION, "--stream"], env, tmp_path, reader, on_line)
                     own += more
             except KeyboardInterrupt:
+                # Ctrl-C: stop it on the SuperLink too, and report it like any failed run.
+                interrupted = True
+                # Set first: a second Ctrl-C during `flwr stop` still records the run failed.
+                error = "interrupted: the run was stopped on the SuperLink" if job.flower_run_id is not None else "interrupted before the SuperLink took the run"
                 if job.flower_run_id is not None:
                     subprocess.run([flwr, "stop", str(job.flower_run_id), CONNECTION], env=env, cwd=tmp_path, capture_output=True, timeout=60)
-                error = "interrupted: the run was stopped on the SuperLink"
-                raise
-            if job.flower_run_id is None:
+            if interrupted:
+                pass  # recorded as failed below, with the error set above
+            elif job.flower_run_id is None:
                 tail = "; ".join(line for line in own if line.strip())[-400:]
                 error = f"flwr run could not submit the run (exit code {code}): {tail or 'no output'}"
             elif reader.has_bundle:
@@ -370,6 +391,8 @@ def run_deployment_job(
     except BundleError as exc:
         error = f"could not read the server's results: {exc}"
     finally:
+        if previous_term is not None:
+            signal.signal(signal.SIGTERM, previous_term)
         if error is not None:
             store.finish_run(job.run_id, "failed", error)
             store.update_run(job.run_id, info={"seconds": time.time() - started})

@@ -159,6 +159,10 @@ class RunConfig:
             raise BadInput(f"--malicious must be in [0, --clients), got {self.malicious}")
         if self.aggregator != "fedavg" and self.strategy == "fedadam":
             raise BadInput("--aggregator replaces FedAvg's mean; it cannot be combined with --strategy fedadam")
+        if self.aggregator != "fedavg" and self.client_dp:
+            # Client-level DP hands the aggregator one clipped, noised mean: a robust
+            # rule would see a single update and protect nothing.
+            raise BadInput(f"--aggregator {self.aggregator} cannot be combined with --client-dp, whose noised mean is the aggregate")
         per_round = max(1, round(self.clients * self.fraction))
         if self.aggregator == "bulyan" and per_round < 4 * self.malicious + 3:
             raise BadInput(f"bulyan needs at least 4 x malicious + 3 = {4 * self.malicious + 3} clients per round, got {per_round}")
@@ -236,6 +240,11 @@ class RunConfig:
         return self.clients + self.canary_clients
 
     @property
+    def dataset_name(self) -> str:
+        """The built-in dataset's name, or the ``--data`` path."""
+        return self.data or self.dataset or "digits"
+
+    @property
     def participation_rate(self) -> float:
         """Client-level DP's Poisson participation probability q (defaults to --fraction)."""
         return self.client_sample_rate if self.client_sample_rate is not None else self.fraction
@@ -269,6 +278,11 @@ def resolve(config_file: str | Path | None = None, **overrides: Any) -> RunConfi
     if "dataset" in given and "data" not in given:
         values.pop("data", None)
     values.update(given)
+    if "clients" not in values and isinstance(values.get("data"), str) and Path(values["data"]).is_dir():
+        # A folder of client files is the federation: client i is file i.
+        from shared.data import data_files
+
+        values["clients"] = len(data_files(values["data"]))
     types = {f.name: f.type for f in fields(RunConfig)}
     for key, value in values.items():
         if key not in types:

@@ -222,6 +222,10 @@ def _encode_labels(raw: list[np.ndarray]) -> tuple[list[np.ndarray], int]:
         raise BadInput("the label column mixes numbers and text (across files or rows); use one kind of label") from None
     if len(classes) < 2:
         raise BadInput("the label column holds fewer than 2 classes")
+    if classes.dtype.kind == "f" and not np.all(classes == np.round(classes)):
+        # A regression target would otherwise become one class per distinct value.
+        example = classes[classes != np.round(classes)][0]
+        raise BadInput(f"the label column holds non-integer numbers (e.g. {example:g}); fedaudit trains classifiers, so labels must be classes")
     return [np.searchsorted(classes, r).astype(np.int64) for r in raw], len(classes)
 
 
@@ -448,6 +452,14 @@ def label_histogram(y: np.ndarray, num_classes: int) -> list[int]:
     return np.bincount(y, minlength=num_classes).astype(int).tolist()
 
 
+def node_data_file(data_dir: str | Path) -> Path:
+    """A node's one data file: ``data_dir`` itself, or the only .csv/.parquet file in it."""
+    files = data_files(str(data_dir))
+    if len(files) != 1:
+        raise BadInput(f"node data folder {data_dir} holds {len(files)} data files; give it exactly one")
+    return files[0]
+
+
 def local_client_data(data_dir: str, label: str | None, val_fraction: float, seed: int, num_classes: int) -> ClientData:
     """A real node's own records (``fedaudit supernode --data-dir``).
 
@@ -456,13 +468,11 @@ def local_client_data(data_dir: str, label: str | None, val_fraction: float, see
     integer class ids ``0 .. num_classes-1``, the same on every node. Features are used
     as given: scale them the same way on every node and in the server's test data.
     """
-    files = data_files(data_dir)
-    if len(files) != 1:
-        raise BadInput(f"node data folder {data_dir} holds {len(files)} data files; give it exactly one")
-    x, raw, _ = _read_table(files[0], label or "label")
+    file = node_data_file(data_dir)
+    x, raw, _ = _read_table(file, label or "label")
     if not np.issubdtype(raw.dtype, np.number) or not np.all(np.mod(raw, 1) == 0):
-        raise BadInput(f"labels in {files[0].name} must be integer class ids")
+        raise BadInput(f"labels in {file.name} must be integer class ids")
     y = raw.astype(np.int64)
     if y.min() < 0 or y.max() >= num_classes:
-        raise BadInput(f"labels in {files[0].name} must lie in 0..{num_classes - 1} (the run's classes), found {y.min()}..{y.max()}")
+        raise BadInput(f"labels in {file.name} must lie in 0..{num_classes - 1} (the run's classes), found {y.min()}..{y.max()}")
     return _with_validation(x, y, val_fraction, seed)

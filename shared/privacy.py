@@ -57,8 +57,10 @@ def _rdp_per_step(sigma: float, q: float):
 
 
 def _rdp_epsilon(entries: Sequence[LedgerEntry], delta: float) -> float:
-    """Opacus ``RDPAccountant(history=entries).get_epsilon(delta)``, bit for bit:
-    RDP composes by adding ``steps * curve`` over the entries, in the same order."""
+    """Opacus ``RDPAccountant(history=entries).get_epsilon(delta)``: RDP composes by adding
+    ``steps * curve`` over the entries, as the accountant does. :func:`epsilon` passes
+    the entries sorted (equal ledgers share a cache entry), so the float sum may differ
+    from a ledger-ordered one in the last bits."""
     from opacus.accountants import RDPAccountant
     from opacus.accountants.analysis.rdp import get_privacy_spent
 
@@ -114,7 +116,7 @@ def _prv_epsilon(entries: Sequence[LedgerEntry], delta: float) -> float:
 # Opacus's PRV accountant sizes its grid by the privacy loss: near epsilon 600 it takes
 # seconds, and at a noise multiplier of 0.01 it ran for minutes into gigabytes. Beyond
 # this RDP bound PRV is not run and reports infinity (still a true upper bound); the
-# run summary then reports the finite RDP bound (server.runner.summarize).
+# run summary then reports the finite RDP bound (shared.summary.summarize).
 PRV_LIMIT = 1000.0
 
 
@@ -173,9 +175,11 @@ def noise_for_target(
     accountant: str = HEADLINE_ACCOUNTANT,
     tolerance: float = 0.01,
 ) -> float:
-    """Smallest noise multiplier (to within the search tolerance) whose epsilon is <= target.
+    """A noise multiplier whose epsilon is <= target and within ``tolerance`` of it.
 
-    Bisection on sigma; the returned sigma always satisfies ``epsilon <= target``.
+    Bisection on sigma. The returned sigma always satisfies ``epsilon <= target``; the
+    search stops once ``target - epsilon < tolerance`` (or sigma stops changing), so it
+    is the smallest such sigma up to that tolerance on epsilon.
     """
     if not (target_epsilon > 0 and math.isfinite(target_epsilon)):
         raise BadInput(f"target epsilon must be a finite number > 0, got {target_epsilon}")

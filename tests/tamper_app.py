@@ -4,7 +4,7 @@
     client_app = build_app("replay", victim=1)
 
 The handlers are the production ones from clients.app; only the mods differ:
-``[tamper_mod, encryption_mod]``, so the tamper mod sees the sealed messages.
+``[tamper_mod, *clients.app.CLIENT_MODS]``, so the tamper mod sees the sealed messages.
 
 For a ClientApp reference string (``"tests.tamper_app:app"``) the module also exposes
 ``app``, built on first access from ``$FEDAUDIT_TAMPER_MODE`` and
@@ -19,7 +19,6 @@ from flwr.clientapp import ClientApp
 
 from clients import app as production
 from clients.app import describe, evaluate_local, train
-from clients.encryption import encryption_mod
 from tests.tamper import make_tamper_mod
 
 
@@ -30,7 +29,7 @@ def build_app(mode: str, victim: int, keys_dir: str | None = None) -> ClientApp:
 
 def build_multi_app(modes: dict[int, str], keys_dir: str | None = None) -> ClientApp:
     """A ClientApp where each client in ``modes`` misbehaves in its own way."""
-    app = ClientApp(mods=[*(make_tamper_mod(mode, victim, keys_dir) for victim, mode in modes.items()), encryption_mod])
+    app = ClientApp(mods=[*(make_tamper_mod(mode, victim, keys_dir) for victim, mode in modes.items()), *production.CLIENT_MODS])
     app.query()(describe)
     app.train()(train)
     app.evaluate()(evaluate_local)

@@ -58,6 +58,7 @@ def test_client_level_epsilon_matches_the_accountant(client_level_run, budget_di
     assert run["client_epsilon_rdp"] == pytest.approx(rdp.get_epsilon(delta=delta), rel=1e-6)
     units = {u["unit"].split(" ")[0]: u for u in shown["privacy"]["units"]}
     assert set(units) == {"client"}
+    assert units["client"]["releases"] == 6 and units["client"]["sample_rate"] == 0.4
 
 
 def test_client_participation_is_poisson(client_level_run, budget_dir):

@@ -8,10 +8,10 @@ from cli import app
 from clients.attacks import corrupt_update, flip_labels
 from server.outliers import score_updates
 from shared.store import RunStore
-from tests.conftest import run_json
 
-SHAPE = ("run", "--clients", "10", "--rounds", "10", "--no-dp", "--seed", "0")
-ATTACKED = (*SHAPE, "--malicious", "3", "--attack", "sign-flip")
+ROUNDS = 7
+SHAPE = dict(clients=10, rounds=ROUNDS, dp=False, seed=0)
+ATTACKED = dict(SHAPE, malicious=3, attack="sign-flip")
 
 
 @pytest.fixture(scope="session")
@@ -19,13 +19,26 @@ def byzantine_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("byzantine")
 
 
+def _run(runs_dir, **settings) -> dict:
+    # In this process, not through the CLI (whose runs other tests cover): four runs
+    # would pay the CLI's imports four times in a suite that must stay under 10 minutes.
+    from clients.app import app_for_job
+    from server.runner import prepare_run, run_simulation_job
+    from shared.config import resolve
+
+    job = prepare_run(resolve(None, **settings), runs_dir)
+    outcome = run_simulation_job(job, app_for_job(job))
+    assert outcome.status == "completed", outcome.error
+    return outcome.summary
+
+
 @pytest.fixture(scope="session")
 def byzantine_runs(byzantine_dir):
     return {
-        "clean": run_json(*SHAPE, runs_dir=byzantine_dir),
-        "fedavg": run_json(*ATTACKED, "--aggregator", "fedavg", runs_dir=byzantine_dir),
-        "median": run_json(*ATTACKED, "--aggregator", "median", runs_dir=byzantine_dir),
-        "krum": run_json(*ATTACKED, "--aggregator", "krum", runs_dir=byzantine_dir),
+        "clean": _run(byzantine_dir, **SHAPE),
+        "fedavg": _run(byzantine_dir, **ATTACKED, aggregator="fedavg"),
+        "median": _run(byzantine_dir, **ATTACKED, aggregator="median"),
+        "krum": _run(byzantine_dir, **ATTACKED, aggregator="krum"),
     }
 
 
@@ -46,7 +59,7 @@ def test_outlier_detection_flags_the_attackers(byzantine_runs, byzantine_dir):
         truth = set(store.get_run(run_id).info["malicious_clients"])
         assert len(truth) == 3
         flags = store.get_flags(run_id)
-        assert {f["round"] for f in flags} == set(range(1, 11))
+        assert {f["round"] for f in flags} == set(range(1, ROUNDS + 1))
         flagged = {f["client"] for f in flags if f["flagged"]}
         assert len(flagged & truth) >= 2, (name, flagged, truth)
     clean_flags = store.get_flags(byzantine_runs["clean"]["run_id"])

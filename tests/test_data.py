@@ -103,6 +103,17 @@ def test_folder_with_one_file_is_one_client(tmp_path):
     assert len(prepare(DataSpec(dataset=None, data=str(tmp_path), label="target", num_clients=1)).client_indices) == 1
 
 
+def test_a_data_folder_sets_the_client_count_unless_given(tmp_path):
+    from shared.config import resolve
+
+    for i in range(4):
+        pd.DataFrame({"a": np.arange(40.0), "target": np.arange(40) % 2}).to_csv(tmp_path / f"site{i}.csv", index=False)
+    assert resolve(None, data=str(tmp_path), label="target").clients == 4
+    (tmp_path / "run.toml").write_text("clients = 3\n")
+    assert resolve(tmp_path / "run.toml", data=str(tmp_path), label="target").clients == 3  # given: checked against the files later
+    assert resolve(None, data=str(tmp_path / "site0.csv"), label="target").clients == 10  # one file: the default
+
+
 # ----------------------------------------------------------------------------- scale: lazy partitions
 
 BIG = DataSpec(dataset="synthetic", num_clients=1000, synthetic_samples=20000, synthetic_features=8, seed=5)
@@ -203,6 +214,7 @@ def test_iid_partitions_equal_flwr_datasets_iid_partitioner():
         ({"a.csv": "a,b,y\n"}, "a.csv has no data rows"),
         ({"a.csv": "a,b,y\n1e39,1,0\n2,2,1\n"}, "beyond float32's range (about 3.4e38) in feature column(s) of a.csv: a"),
         ({"0.csv": "a,y\n1,0\n2,1\n", "1.csv": "a,y\n1,x\n2,z\n"}, "mixes numbers and text"),
+        ({"a.csv": "a,y\n1,0.5\n2,1\n3,2.25\n"}, "non-integer numbers (e.g. 0.5)"),
         ({"0.csv": "a,b,y\n1,2,0\n2,3,1\n", "1.csv": "b,a,y\n1,2,0\n2,3,1\n"}, "the same columns in the same order"),
     ],
 )

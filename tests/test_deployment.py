@@ -162,16 +162,27 @@ def test_run_against_nothing_is_one_line_exit_2_and_writes_nothing(tmp_path):
         (["run", "--engine", "deployment", "--superlink", "127.0.0.1:9", "--insecure", "--root-certificates", "x.crt"], "contradict"),
         (["run", "--engine", "deployment", "--superlink", "127.0.0.1:9", "--root-certificates", "/nonexistent/ca.crt"], "not found"),
         (["run", "--engine", "warp"], "unknown --engine"),
-        (["run", "--insecure"], "need(s) --engine deployment"),
+        (["run", "--insecure"], "--insecure needs --engine deployment"),
         (["superlink"], "TLS is on by default"),
         (["superlink", "--certs", "/nonexistent"], "not found"),
         (["supernode", "--superlink", "127.0.0.1:9", "--insecure", "--partition-id", "3", "--num-partitions", "2"], "--partition-id must be in"),
+        (["supernode", "--superlink", "127.0.0.1:9", "--insecure", "--partition-id", "0", "--num-partitions", "2", "--data-dir", "{t}"],
+         "no .csv or .parquet files in data folder"),
+        (["superlink", "--insecure", "--runs-dir", "{t}/a-file"], "cannot create run store"),
+        (["superlink", "--insecure", "--runs-dir", "{t}/r", "--log-file", "{t}/missing/x.log"], "cannot open --log-file"),
+        (["supernode", "--superlink", "127.0.0.1:9", "--insecure", "--partition-id", "0", "--num-partitions", "2", "--log-file", "{t}/missing/x.log"],
+         "cannot open --log-file"),
+        (["keys", "init", "{t}/a-file/keys", "--clients", "2"], "cannot create key directory"),
+        (["certs", "init", "{t}/a-file/certs"], "cannot create certificate directory"),
     ],
 )
 def test_deployment_bad_input(args, expected, tmp_path):
+    (tmp_path / "a-file").write_text("not a folder")
+    args = [a.format(t=tmp_path) for a in args]
     result = CliRunner().invoke(app, [*args, *(["--runs-dir", str(tmp_path / "r")] if args[0] == "run" else [])])
     assert result.exit_code == 2, result.output
     assert expected in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "r").exists()  # nothing written
 
 
 @pytest.mark.parametrize("command", ["certs init", "superlink", "supernode"])
@@ -256,6 +267,9 @@ def test_a_failed_deployment_run_is_recorded_failed(tmp_path, monkeypatch, body,
     summary = submit.run_deployment_job(job)
     assert summary["status"] == "failed" and expected in summary["error"], summary["error"]
     assert store.get_run("r1").status == "failed"
+    resumed = CliRunner().invoke(app, ["run", "--resume", "r1", "--runs-dir", str(store.root)])
+    assert resumed.exit_code == 2 and "ran on the Deployment Engine" in resumed.stderr, resumed.output
+    assert "Traceback" not in resumed.output and store.get_run("r1").status == "failed"
 
 
 def test_node_config_keys_override_the_message(tmp_path, monkeypatch):
@@ -724,3 +738,52 @@ def _rounds_done(db: Path) -> int:
             return conn.execute("SELECT COUNT(*) FROM rounds WHERE model_sha256 IS NOT NULL").fetchone()[0]
     except sqlite3.Error:
         return 0
+
+
+def test_ctrl_c_on_a_deployment_run_records_it_failed_and_returns_its_summary(tmp_path, monkeypatch):
+    import server.submit as submit
+    from shared.store import RunStore
+
+    # `flwr run` sees the run start, then the user presses Ctrl-C (SIGINT to fedaudit).
+    body = 'if [ "$1" = run ]; then echo "Successfully started run 42"; sleep 1; kill -INT $PPID; exec sleep 30; fi\n'
+    monkeypatch.setattr(submit, "flwr_binary", lambda: _fake_flwr(tmp_path, body))
+    store = RunStore(tmp_path / "runs")
+    store.create_run("r1", {"dp": True}, info={"engine": "deployment", "submitted": {}})
+    job = submit.DeploymentJob("r1", resolve(None, clients=2, rounds=1), Connection("127.0.0.1", 9, insecure=True), str(store.root))
+    summary = submit.run_deployment_job(job)
+    assert summary["status"] == "failed" and summary["error"] == "interrupted: the run was stopped on the SuperLink"
+    assert store.get_run("r1").status == "failed"
+    # SIGTERM (kill, timeout) the same way, and the previous handler is back afterwards.
+    previous = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(submit, "flwr_binary", lambda: _fake_flwr(tmp_path, body.replace("-INT", "-TERM")))
+    store.create_run("r2", {"dp": True}, info={"engine": "deployment", "submitted": {}})
+    job = submit.DeploymentJob("r2", resolve(None, clients=2, rounds=1), Connection("127.0.0.1", 9, insecure=True), str(store.root))
+    assert submit.run_deployment_job(job)["status"] == "failed" and store.get_run("r2").status == "failed"
+    assert signal.getsignal(signal.SIGTERM) is previous
+
+
+def test_a_server_app_stopped_by_flower_records_its_run_failed(tmp_path, monkeypatch):
+    import server.deployment as deployment
+    from shared.store import RunStore
+
+    store = RunStore(tmp_path / "runs")
+    monkeypatch.setenv("FEDAUDIT_RUNS_DIR", str(store.root))
+    store.create_run("r1", {}, info={"engine": "deployment", "submitted": {}})
+
+    def stopped(grid, job):
+        raise SystemExit(1)  # what Flower's SIGTERM handler raises after `flwr stop`
+
+    monkeypatch.setattr(deployment, "run_federation", stopped)
+    with pytest.raises(SystemExit):
+        deployment.run_deployment(None, app_config(resolve(None, dataset="digits", clients=2, rounds=1, encrypt=False), "r1", 60.0), emit=lambda line: None)
+    record = store.get_run("r1")
+    assert record.status == "failed" and "stopped on the SuperLink" in record.error
+
+
+def test_superlink_on_a_taken_port_is_named(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = CliRunner().invoke(app, ["superlink", "--insecure", "--port", str(port), "--runs-dir", str(tmp_path / "r")])
+    assert result.exit_code == 2 and f"cannot listen on 127.0.0.1:{port}" in result.stderr, result.output

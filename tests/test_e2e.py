@@ -10,7 +10,7 @@ import pytest
 from opacus.accountants import PRVAccountant
 from safetensors.numpy import load_file
 
-from tests.conftest import run_json
+from tests.conftest import run_cli, run_json
 
 pytestmark = pytest.mark.simulation
 
@@ -46,6 +46,7 @@ def test_run_store_holds_a_complete_run(fixture, request):
     # the client table was reported: sizes and label histograms
     assert [c["client"] for c in run["clients"]] == [0, 1, 2]
     assert all(sum(c["label_histogram"]) == c["num_train"] for c in run["clients"])
+    assert run["clients_trained"] == 3
 
 
 def test_private_json_reports_epsilon_and_delta(private_run, nonprivate_run):
@@ -99,3 +100,8 @@ def test_runs_lists_every_run(private_run, nonprivate_run, e2e_dir):
     listed = run_json("runs", runs_dir=e2e_dir)["runs"]
     ids = {r["run_id"] for r in listed}
     assert {private_run["run_id"], nonprivate_run["run_id"]} <= ids
+    by_id = {r["run_id"]: r for r in listed}
+    assert (by_id[private_run["run_id"]]["dataset"], by_id[private_run["run_id"]]["dp"]) == ("digits", True)
+    assert by_id[nonprivate_run["run_id"]]["dp"] is False
+    table = run_cli("runs", runs_dir=e2e_dir)
+    assert table.returncode == 0 and private_run["run_id"] in table.stdout and "digits" in table.stdout

@@ -39,7 +39,7 @@ def _log(run_dir: Path) -> list[dict]:
 def tampered_run(tmp_path_factory):
     runs = tmp_path_factory.mktemp("tampered")
     job = prepare_run(resolve(None, clients=7, rounds=2, seed=3, model="logreg", min_replies=2), runs)
-    outcome = run_simulation_job(job, client_app=build_multi_app(VICTIMS))
+    outcome = run_simulation_job(job, build_multi_app(VICTIMS))
     return outcome, runs, job
 
 
@@ -63,7 +63,7 @@ def test_every_rejection_is_excluded_logged_and_the_run_finishes(tampered_run):
 def test_too_few_valid_replies_fails_the_run_but_keeps_earlier_rounds(tmp_path):
     # Two of three clients replay from round 2: round 1 is fine, round 2 has 1 valid reply.
     job = prepare_run(resolve(None, clients=3, rounds=3, seed=3, model="logreg", min_replies=2), tmp_path)
-    outcome = run_simulation_job(job, client_app=build_multi_app({0: "replay", 1: "replay"}))
+    outcome = run_simulation_job(job, build_multi_app({0: "replay", 1: "replay"}))
     assert outcome.status == "failed"
     assert "fewer than --min-replies 2" in outcome.error and "replayed" in outcome.error
     conn = sqlite3.connect(tmp_path / "runs.db")

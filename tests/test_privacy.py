@@ -1,6 +1,7 @@
 """Privacy accounting against the oracle values in the reference (../shared/reference/privacy.md)."""
 
 import json
+import re
 import warnings
 
 import numpy as np
@@ -321,7 +322,7 @@ def test_restoring_a_ledger_never_lowers_a_nodes_epsilon():
 
 
 def test_a_resumed_run_that_fails_at_once_still_reports_the_interrupted_spend(tmp_path):
-    from server.runner import summarize
+    from shared.summary import summarize
     from shared.store import RunStore
 
     store = RunStore(tmp_path)
@@ -340,7 +341,7 @@ def test_a_resumed_run_that_fails_at_once_still_reports_the_interrupted_spend(tm
 
 
 def test_client_level_epsilon_counts_a_round_set_aside_on_resume(tmp_path):
-    from server.runner import summarize
+    from shared.summary import summarize
     from shared.store import RunStore
 
     store = RunStore(tmp_path)
@@ -355,13 +356,16 @@ def test_client_level_epsilon_counts_a_round_set_aside_on_resume(tmp_path):
     assert store.interrupted_releases("r") == 1
     assert summarize(store, "r")["client_epsilon"] == pytest.approx(releases(3))  # not releases(2)
     assert summarize(store, "r")["client_epsilon_rdp"] == pytest.approx(privacy.epsilon([(1.0, 0.5, 3)], 1e-5, "rdp"))
+    from shared.summary import describe_run
+
+    assert describe_run(store, "r")["privacy"]["units"][0]["releases"] == 3  # beside the epsilon of 3 releases
 
 
 def test_a_client_whose_reply_never_came_still_counts_that_rounds_spend(tmp_path):
     from types import SimpleNamespace
 
     from server.federation import ServerJob, _count_unanswered
-    from server.runner import summarize
+    from shared.summary import summarize
     from shared.config import RunConfig
     from shared.store import RunStore
 
@@ -393,7 +397,7 @@ def test_a_client_whose_reply_never_came_still_counts_that_rounds_spend(tmp_path
 
 
 def test_an_unbounded_prv_epsilon_reports_the_rdp_bound_not_null(tmp_path):
-    from server.runner import summarize
+    from shared.summary import summarize
     from shared.store import RunStore
 
     huge = [(0.5, 1.0, 1000)]  # PRV returns inf here (after about a minute), RDP a finite bound
@@ -488,8 +492,7 @@ def test_a_ctrl_c_after_the_last_round_leaves_the_run_completed(tmp_path, monkey
 
     monkeypatch.setattr(flwr.simulation, "run_simulation", finished_then_interrupted)
     monkeypatch.setattr(server.app, "make_server_app", lambda job: None)
-    monkeypatch.setattr(runner, "client_app_for", lambda job: None)
-    outcome = runner.run_simulation_job(job)
+    outcome = runner.run_simulation_job(job, None)
     assert job.cancel.is_set() and (outcome.status, outcome.error) == ("completed", None)
 
 
@@ -508,7 +511,7 @@ def test_a_node_refuses_a_replayed_train_instruction_and_spends_nothing(tmp_path
     from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
-    from clients.app import read_ledger, train
+    from clients.app import app, read_ledger
     from server.federation import _config_record
     from server.runner import prepare_run
     from shared.config import resolve
@@ -526,10 +529,56 @@ def test_a_node_refuses_a_replayed_train_instruction_and_spends_nothing(tmp_path
         config["server-round"] = round_
         return Message(RecordDict({CONFIG_KEY: config, ARRAYS_KEY: ArrayRecord(weights)}), dst_node_id=1, message_type="train")
 
-    train(instruction(1), context)
+    app(instruction(1), context)
     spent = read_ledger(context)
     with pytest.raises(RuntimeError, match="refusing to train round 1 again"):
-        train(instruction(1), context)  # the same round's instruction, replayed
+        app(instruction(1), context)  # the same round's instruction, replayed
     assert read_ledger(context) == spent
-    train(instruction(2), context)
+    app(instruction(2), context)
     assert len(read_ledger(context)) == 2
+
+
+def test_budget_flags_win_over_the_config_they_override(tmp_path):
+    from server.budget import plan_budget
+
+    config = tmp_path / "run.toml"
+    config.write_text('dataset = "digits"\nclients = 10\nrounds = 5\ntarget-epsilon = 3.0\n')
+    planned = plan_budget(config=config)
+    assert planned["sample_level"]["target_epsilon"] == 3.0
+    given = plan_budget(config=config, noise_multiplier=1.3)
+    assert given["sample_level"]["noise_multiplier"] == 1.3 and "target_epsilon" not in given["sample_level"]
+    assert given["sample_level"]["epsilon_prv"] != pytest.approx(3.0, abs=0.05)
+    assert plan_budget(config=config, rounds=10)["rounds"] == 10
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"clients": 20}, "--clients: with --config the clients and their sizes come from the config's data"),
+    ({"dataset_size": 500}, "--dataset-size: with --config"),
+])
+def test_budget_refuses_flags_a_config_decides(kwargs, message, tmp_path):
+    from server.budget import plan_budget
+
+    config = tmp_path / "run.toml"
+    config.write_text('dataset = "digits"\nclients = 10\n')
+    with pytest.raises(BadInput, match=re.escape(message)):
+        plan_budget(config=config, noise_multiplier=1.0, **kwargs)
+
+
+def test_budget_refuses_run_shape_flags_with_a_raw_mechanism():
+    result = CliRunner().invoke(app, ["budget", "--sample-rate", "0.1", "--steps", "10", "--delta", "1e-5", "--noise-multiplier", "1", "--rounds", "5"])
+    assert result.exit_code == 2 and "--rounds describes a run shape" in result.stderr, result.output
+    result = CliRunner().invoke(app, ["budget", "--steps", "10", "--rounds", "5", "--clients", "2", "--batch-size", "8", "--dataset-size", "100", "--noise-multiplier", "1"])
+    assert result.exit_code == 2 and "--steps goes with --sample-rate" in result.stderr, result.output
+
+
+def test_a_round_without_a_test_split_still_counts_and_the_default_dataset_is_named(tmp_path):
+    from shared.store import RunStore
+    from shared.summary import summarize
+
+    store = RunStore(tmp_path)
+    store.create_run("r", {"dp": False, "dataset": None, "test-fraction": 0.0})
+    store.commit_spend("r", 1, [], {})
+    assert summarize(store, "r")["rounds"] == 0  # in flight: no model yet
+    store.record_round("r", 1, {"accuracy": None, "model_sha256": "x"}, [])
+    summary = summarize(store, "r")
+    assert (summary["rounds"], summary["accuracy"], summary["dataset"]) == (1, None, "digits")

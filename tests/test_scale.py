@@ -65,12 +65,13 @@ def test_sampled_evaluation_end_to_end(tmp_path):
     """Each round stores exactly the sampled clients' validation accuracy; the audit's
     per-client accuracy still covers every client (it re-evaluates the final model)."""
     from audit.report import load_run, per_client_accuracy
+    from clients.app import app_for_job
     from server.runner import prepare_run, run_simulation_job
     from shared.store import RunStore
 
     config = resolve(None, dataset="synthetic", samples=1200, clients=20, fraction=0.1, eval_fraction=0.25, rounds=2, seed=4)
     job = prepare_run(config, tmp_path)
-    outcome = run_simulation_job(job)
+    outcome = run_simulation_job(job, app_for_job(job))
     assert outcome.status == "completed", outcome.error
     store = RunStore(tmp_path)
     rounds = store.get_rounds(job.run_id)

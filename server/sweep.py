@@ -11,8 +11,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from server.runner import preflight, prepare_run, run_simulation_job
 from shared.config import RunConfig
 from shared.errors import BadInput
+from shared.store import RunStore
 
 NOISE_MODE = "noise-multiplier"
 TARGET_MODE = "target-epsilon"
@@ -71,12 +73,15 @@ def run_sweep(
     runs_dir: str | Path | None,
     *,
     mode: str,
+    client_app_for: Callable[[Any], Any],
     verbose: bool = False,
     on_run_start: Callable[[int, SweepPoint, Any], None] | None = None,
     on_round: Callable[[Any], None] | None = None,
     on_run_end: Callable[[int, dict], None] | None = None,
 ) -> dict[str, Any]:
     """Check every point, then train and store each run in turn.
+
+    ``client_app_for(job)`` gives each run's ClientApp (``clients.app.app_for_job``).
 
     Every config is checked (data, delta, noise calibration) before the first run
     starts, so bad input fails before anything is stored.
@@ -91,16 +96,13 @@ def run_sweep(
         ``f1_macro``, ``wall_time``, ``run_dir`` and ``rounds`` (accuracy, loss and
         epsilon per round).
     """
-    from server.runner import preflight, prepare_run, run_simulation_job
-    from shared.store import RunStore
-
-    checked = [preflight(p.config) for p in points]
+    checked = [preflight(p.config) for p in points]  # every point's bad input before any run
     rows = []
-    for i, (point, check) in enumerate(zip(points, checked)):
+    for i, point in enumerate(points):
         job = prepare_run(point.config, runs_dir)
         if on_run_start:
             on_run_start(i, point, job)
-        outcome = run_simulation_job(job, verbose=verbose, on_round=on_round)
+        outcome = run_simulation_job(job, client_app_for(job), verbose=verbose, on_round=on_round)
         s = outcome.summary
         rounds = RunStore(job.runs_dir).get_rounds(job.run_id)
         row = {
@@ -128,7 +130,7 @@ def run_sweep(
         "mode": mode,
         "values": values,
         "data": {
-            "dataset": base.dataset or base.data or "digits",
+            "dataset": base.dataset_name,
             "clients": base.clients,
             "rounds": base.rounds,
             "seed": base.seed,
