@@ -5,7 +5,8 @@ bounds (and one point estimate) from attack outcomes on the trained model. On a
 correctly implemented DP run a lower bound must not exceed the accountant's epsilon;
 if it does, the DP implementation or the audit has a bug.
 
-Formulas and oracle values: ``shared/reference/privacy.md``.
+Formulas and oracle values: the reference notes given with the project
+(``../shared/reference/privacy.md`` beside the checkout; read-only, never imported).
 """
 
 from __future__ import annotations
@@ -497,8 +498,23 @@ def gaussian_mechanism_delta(eps: float, mu: float) -> float:
     """delta(eps) of the Gaussian mechanism with sensitivity/noise ratio ``mu`` (Balle and Wang 2018).
 
     ``delta(eps) = Phi(-eps/mu + mu/2) - e^eps Phi(-eps/mu - mu/2)``.
+
+    Parameters
+    ----------
+    eps : float
+        The epsilon at which delta is wanted, >= 0 and finite.
+    mu : float
+        Sensitivity / noise standard deviation, >= 0 and finite (0: no leak).
+
+    Returns
+    -------
+    float
+        delta(eps), in [0, 1].
     """
-    if mu <= 0.0:
+    for value, name in ((eps, "eps"), (mu, "mu")):
+        if not (math.isfinite(value) and value >= 0):
+            raise BadInput(f"{name} must be a finite number >= 0, got {value}")
+    if mu == 0.0:
         return 0.0
     # e^eps * Phi(x) in log space: e^eps overflows long before the product does.
     tail = math.exp(eps + stats.norm.logcdf(-eps / mu - mu / 2.0))
@@ -550,6 +566,15 @@ def gaussian_epsilon(mu1: float, s1: float, mu0: float, s0: float, delta: float)
     Otherwise it is the exact privacy profile of the pair, taking the worse of the two
     directions (P vs Q and Q vs P), as Andrew et al.'s reference code does: unequal
     variances leak through the tails even at equal means.
+
+    Parameters
+    ----------
+    mu1, s1 : float
+        Mean and standard deviation of the first distribution (e.g. scores of included canaries).
+    mu0, s0 : float
+        Mean and standard deviation of the second (excluded canaries); both deviations > 0.
+    delta : float
+        In (0, 1).
 
     Returns
     -------

@@ -324,7 +324,7 @@ def _canary_html(p: dict) -> str:
     if cc:
         rows.append(("canary clients, estimate (not a bound)", cc["epsilon_estimate"]))
     if p.get("empirical_epsilon_lower_bound") is not None:
-        rows.append((f"best valid lower bound ({p.get('empirical_epsilon_source')})", p["empirical_epsilon_lower_bound"]))
+        rows.append((f"best valid lower bound ({p.get('empirical_epsilon_source') or 'no test beat chance'})", p["empirical_epsilon_lower_bound"]))
     parts.append(_table(("", "ε"), rows))
     if ca:
         parts.append(

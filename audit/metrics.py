@@ -264,10 +264,13 @@ def most_confused_pairs(confusion: Any, k: int = 5, labels: Any = None) -> list[
 
 
 def _recall_by_class(recall: Any, name: str) -> dict[Any, float]:
-    if isinstance(recall, Mapping):
-        values = {_native(key): float(v) for key, v in recall.items()}
-    else:
-        values = {i: float(v) for i, v in enumerate(_as_1d(recall, name))}
+    try:
+        if isinstance(recall, Mapping):
+            values = {_native(key): float(v) for key, v in recall.items()}
+        else:
+            values = {i: float(v) for i, v in enumerate(_as_1d(recall, name))}
+    except (TypeError, ValueError):
+        raise BadInput(f"{name} must hold numbers (recalls in [0, 1])") from None
     if not values:
         raise BadInput(f"{name} is empty")
     bad = [key for key, v in values.items() if not 0.0 <= v <= 1.0]

@@ -193,20 +193,68 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
 
 
+def _true_class_log_probs(model: nn.Module, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    y = np.asarray(y)
+    if y.ndim != 1 or len(y) != len(x):
+        raise BadInput(f"y must be a 1-d array with one label per row of x ({len(x)}), got shape {y.shape}")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise BadInput(f"y must hold integer class ids, got dtype {y.dtype}")
+    logp = _log_softmax(_logits(model, x))  # the cheap checks first, then the forward pass
+    if len(y) and (y.min() < 0 or y.max() >= logp.shape[1]):
+        raise BadInput(f"y holds labels outside the model's {logp.shape[1]} classes: {y.min()}..{y.max()}")
+    return logp[np.arange(len(y)), y]
+
+
 def loss_scores(model: nn.Module, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Minus the cross-entropy of the true label, per record."""
-    return _log_softmax(_logits(model, x))[np.arange(len(y)), y]
+    """Minus the cross-entropy of the true label, per record (higher: more member-like).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The classifier under attack.
+    x : ndarray of shape (n_records, n_features)
+        Records, as the model takes them.
+    y : ndarray of shape (n_records,)
+        Their true class ids, in ``0 .. n_classes - 1``.
+
+    Returns
+    -------
+    ndarray of shape (n_records,)
+        ``log p_model(y_i | x_i)``.
+    """
+    return _true_class_log_probs(model, x, y)
 
 
 def confidence_scores(model: nn.Module, x: np.ndarray) -> np.ndarray:
-    """The largest softmax probability, per record."""
+    """The largest softmax probability, per record (a label-free score).
+
+    Parameters
+    ----------
+    model, x
+        As for :func:`loss_scores`.
+
+    Returns
+    -------
+    ndarray of shape (n_records,)
+        ``max_c p_model(c | x_i)``.
+    """
     return np.exp(_log_softmax(_logits(model, x)).max(axis=1))
 
 
 def logit_confidence(model: nn.Module, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """``log(p_y / (1 - p_y))``, computed stably from the logits (LiRA's statistic)."""
-    logp = _log_softmax(_logits(model, x))
-    log_py = logp[np.arange(len(y)), y]
+    """``log(p_y / (1 - p_y))``, computed stably from the logits (LiRA's statistic).
+
+    Parameters
+    ----------
+    model, x, y
+        As for :func:`loss_scores`.
+
+    Returns
+    -------
+    ndarray of shape (n_records,)
+        The logit-scaled confidence in the true label.
+    """
+    log_py = _true_class_log_probs(model, x, y)
     log_rest = np.log(np.clip(-np.expm1(log_py), _EPS_PROB, None))
     return log_py - log_rest
 
@@ -383,8 +431,13 @@ def member_clients(run: StoredRun) -> list[int]:
     clients = set(range(run.config.clients))
     log = run.model_path.parent / "audit.jsonl"
     if log.exists():
-        entries = [json.loads(line) for line in log.read_bytes().splitlines()]
-        clients = {int(c) for e in entries if e["kind"] == "round" for c in e["payload"].get("participants", [])} & clients
+        try:
+            entries = [json.loads(line) for line in log.read_bytes().splitlines()]
+            participants = {int(c) for e in entries if e["kind"] == "round" for c in e["payload"].get("participants", [])}
+        except (ValueError, KeyError, TypeError, AttributeError):
+            # Guessing the members instead would make the model look more private than it is.
+            raise BadInput(f"the audit log {log} is damaged, so the members are unknown; check it with `fedaudit verify`") from None
+        clients = participants & clients
     info = run.record.info
     return sorted(clients - set(info.get("malicious_clients", [])) - set(info.get("own_data_clients", [])))
 

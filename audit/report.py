@@ -73,10 +73,11 @@ class StoredRun:
 def load_run(store: RunStore, run_id: str) -> StoredRun:
     """The run's record, config, data spec and final model (``model.safetensors``).
 
-    Raises :class:`BadInput` for an unknown run or a run without a final model.
+    Raises :class:`BadInput` for an unknown run, or one whose final model is missing or damaged.
     """
     import json
 
+    from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
     record = store.get_run(run_id)
@@ -84,10 +85,13 @@ def load_run(store: RunStore, run_id: str) -> StoredRun:
     model_path, info_path = run_dir / "model.safetensors", run_dir / "model.json"
     if not model_path.exists() or not info_path.exists():
         raise BadInput(f"run {run_id} has no final model in {run_dir} (status {record.status})")
-    info = json.loads(info_path.read_text())
     config = RunConfig.from_stored(record.config)
-    model = build_model(info["model"], info["num_features"], info["num_classes"], info.get("image_side"))
-    weights = load_file(model_path)
+    try:
+        info = json.loads(info_path.read_text())
+        model = build_model(info["model"], info["num_features"], info["num_classes"], info.get("image_side"))
+        weights = load_file(model_path)
+    except (ValueError, KeyError, TypeError, OSError, SafetensorError) as exc:
+        raise BadInput(f"run {run_id}: its final model files in {run_dir} are damaged ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
     try:
         load_numpy(model, weights)
     except (KeyError, RuntimeError) as exc:
@@ -119,6 +123,17 @@ class Gates:
             if not -1.0 <= self.max_accuracy_drop <= 1.0:
                 raise BadInput(f"--max-accuracy-drop must be in [-1, 1], got {self.max_accuracy_drop:g}")
         return self
+
+
+def _unfinished_report(record: RunRecord, gates: Gates) -> dict[str, Any]:
+    """A run that stopped before its final model, audited as a CI gate: nothing can be
+    measured, so every requested gate fails, ``run-ended-normally`` first."""
+    failed = [{"gate": "run-ended-normally", "threshold": None, "measured": None, "passed": False,
+               "detail": f"the run's status is {record.status!r} and it has no final model; gates need a completed run"}]
+    for name, threshold in vars(gates).items():
+        if threshold is not None:
+            failed.append({"gate": name.replace("_", "-"), "threshold": threshold, "measured": None, "passed": False, "detail": "no final model to measure"})
+    return {"run_id": record.run_id, "status": record.status, "error": record.error, "audited": False, "gates": failed, "gates_passed": False}
 
 
 def check_gates(report: dict, gates: Gates) -> list[dict]:
@@ -190,8 +205,27 @@ def per_client_accuracy(model: nn.Module, spec: DataSpec, clients: int) -> dict[
 
 
 def generalisation_gap(model: nn.Module, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray) -> dict[str, float]:
-    """Accuracy and cross-entropy on training records vs test records (gap = train - test for
-    accuracy, test - train for loss: positive means overfitting)."""
+    """Accuracy and cross-entropy on training records vs test records.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The trained classifier.
+    x_train, y_train : ndarrays of shape (n_train, n_features) and (n_train,)
+        Records it was trained on, and their class ids.
+    x_test, y_test : ndarrays of shape (n_test, n_features) and (n_test,)
+        Held-out records, and their class ids.
+
+    Returns
+    -------
+    dict
+        ``train_accuracy``, ``test_accuracy``, ``accuracy_gap`` (train - test),
+        ``train_loss``, ``test_loss``, ``loss_gap`` (test - train), ``n_train``,
+        ``n_test``; a positive gap means overfitting.
+    """
+    for name, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
+        if len(x) == 0 or len(x) != len(y):
+            raise BadInput(f"x_{name} and y_{name} must be non-empty and of equal length, got {len(x)} and {len(y)}")
     train_loss, train_acc = evaluate(model, x_train, y_train)
     test_loss, test_acc = evaluate(model, x_test, y_test)
     return {
@@ -272,7 +306,7 @@ def outlier_flags(store: RunStore, run_id: str) -> dict[str, Any] | None:
 
 
 def _privacy(store: RunStore, run_id: str) -> dict[str, Any]:
-    from server.runner import summarize
+    from shared.summary import summarize
 
     s = summarize(store, run_id)
     record = store.get_run(run_id)
@@ -297,7 +331,7 @@ def _with_mia(privacy: dict[str, Any], run: StoredRun, reference_models: int) ->
                 "mia_skipped": f"membership inference needs >= 4 members and non-members, got {len(y_m)} and {len(y_n)}"}
     result = mia_attacks.audit_membership(run, privacy.get("delta"), reference_models)
     return {**privacy, **{k: result[k] for k in MIA_KEYS}, "mia": result,
-            "empirical_epsilon_source": f"membership inference ({result['empirical_epsilon_attack']} attack)",
+            "empirical_epsilon_source": f"membership inference ({result['empirical_epsilon_attack']} attack)" if result["empirical_epsilon_lower_bound"] > 0 else None,
             "empirical_epsilon_confidence": result["confidence"]}
 
 
@@ -327,9 +361,11 @@ def joint_lower_bound(mia: dict[str, Any] | None, sample: dict[str, Any], confid
     }
     candidates["one-run canary audit"] = one_run_epsilon_lower_bound(sample["m"], sample["r"], sample["v"], sample["delta"], 1.0 - alpha)
     source = max(candidates, key=candidates.get)
+    best = candidates[source]
     return {
-        "empirical_epsilon_lower_bound": candidates[source],
-        "empirical_epsilon_source": source,
+        "empirical_epsilon_lower_bound": best,
+        # A bound of 0 comes from no test in particular: none beat chance.
+        "empirical_epsilon_source": source if best > 0 else None,
         "empirical_epsilon_confidence": confidence,
         "empirical_epsilon_tests": len(candidates),
     }
@@ -424,6 +460,12 @@ def audit_run(
     gates = (gates or Gates()).validate(baseline_id is not None)
     if isinstance(reference_models, bool) or not isinstance(reference_models, int) or reference_models < 0:
         raise BadInput(f"--reference-models must be an integer >= 0, got {reference_models!r}")
+    record = store.get_run(run_id)
+    requested = [name for name, v in vars(gates).items() if v is not None]
+    if requested and record.status not in ENDED_NORMALLY and not (store.run_dir(run_id) / "model.safetensors").exists():
+        if baseline_id is not None:
+            store.get_run(baseline_id)  # an unknown baseline is still bad input
+        return _unfinished_report(record, gates)
     run = load_run(store, run_id)
     base = load_run(store, baseline_id) if baseline_id is not None else None
     data = run.data
@@ -462,6 +504,7 @@ def audit_run(
     report = {
         "run_id": run_id,
         "status": run.record.status,
+        "audited": True,
         "model": {
             "name": run.model_info["model"],
             "num_features": run.model_info["num_features"],

@@ -115,7 +115,10 @@ def _box(bounds: tuple[Any, Any] | None, x: np.ndarray) -> tuple[np.ndarray, np.
     """The feature box (lo, hi) for ``x``: ``bounds`` checked, or the range of ``x``."""
     if bounds is None:
         return feature_bounds(x)
-    lo, hi = (np.asarray(b, dtype=np.float32) for b in bounds)
+    try:
+        lo, hi = (np.asarray(b, dtype=np.float32) for b in bounds)
+    except (TypeError, ValueError):
+        raise BadInput("bounds must be a pair (lo, hi) of numeric arrays, one value per feature") from None
     if lo.shape != (x.shape[1],) or hi.shape != (x.shape[1],):
         raise BadInput(f"bounds must be two arrays of shape ({x.shape[1]},), one value per feature; got {lo.shape} and {hi.shape}")
     if not (np.isfinite(lo).all() and np.isfinite(hi).all()) or (hi < lo).any():
@@ -281,6 +284,26 @@ def robustness_report(
 ) -> dict[str, Any]:
     """Clean accuracy, noise curve, FGSM and PGD curves, and the parameters used.
 
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The classifier to attack.
+    x : array-like of shape (n_records, n_features)
+        Records, inside ``bounds``.
+    y : array-like of shape (n_records,)
+        Their true class ids.
+    bounds : (lo, hi)
+        Per-feature bounds, arrays of shape (n_features,) (:func:`feature_bounds`);
+        eps and noise are fractions of each feature's range ``hi - lo``.
+    noise_levels, eps : sequences of float
+        Gaussian noise standard deviations and L-infinity budgets to evaluate.
+    pgd_steps, alpha_factor, random_restarts : PGD's steps, step size (a multiple of
+        ``eps / pgd_steps``) and random starts.
+    seed : int
+        Seeds the noise and the random starts.
+    bounds_source : str
+        Where ``bounds`` came from, recorded in ``parameters``.
+
     Returns
     -------
     dict
@@ -292,7 +315,7 @@ def robustness_report(
     """
     x = _features(x)
     y = _labels(y, len(x))
-    lo, hi = bounds
+    lo, hi = _box(bounds, x)
     model.eval()
     clean = _accuracy(model, torch.from_numpy(x), y)
     noise = noise_accuracy(model, x, y, noise_levels, bounds, seed)

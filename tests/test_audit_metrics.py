@@ -179,3 +179,22 @@ def test_bad_inputs_raise(call, message):
         call()
     assert message in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_audit_functions_name_malformed_inputs():
+    from audit.metrics import per_class_drop
+    from audit.report import generalisation_gap
+    from audit.robustness import robustness_report
+    from shared.errors import BadInput
+    from shared.models import build_model
+
+    with pytest.raises(BadInput, match="private_recall must hold numbers"):
+        per_class_drop({0: "high"}, {0: 0.5})
+    model = build_model("logreg", 4, 2, None)
+    x, y = np.zeros((3, 4), np.float32), np.array([0, 1, 0])
+    with pytest.raises(BadInput, match="x_train and y_train must be non-empty and of equal length"):
+        generalisation_gap(model, x, y[:2], x, y)
+    with pytest.raises(BadInput, match="bounds must be a pair"):
+        robustness_report(model, x, y, bounds=5)
+    with pytest.raises(BadInput, match="bounds must be two arrays of shape"):
+        robustness_report(model, x, y, bounds=(np.zeros(3), np.ones(3)))

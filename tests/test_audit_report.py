@@ -186,6 +186,7 @@ def audited(private_run, nonprivate_run, e2e_dir, tmp_path_factory):
 @pytest.mark.simulation
 def test_audit_json_follows_the_documented_keys(audited, private_run, nonprivate_run):
     report, _, _ = audited
+    assert report["audited"] is True
     u, r, p = report["utility"], report["robustness"], report["privacy"]
     for key in ("accuracy", "balanced_accuracy", "precision_macro", "recall_macro", "f1_macro", "f1_per_class", "roc_auc",
                 "confusion_matrix", "expected_calibration_error", "per_client", "generalisation", "efficiency"):
@@ -399,12 +400,12 @@ def test_sweep_stores_every_run_and_draws_the_curve(tmp_path):
     assert "sweep runs" in proc.stderr  # the progress display across runs
     assert_plots(html_path.read_text(), SWEEP_PLOTS)
     # a sweep's runs can be audited like any run (library call, no subprocess)
-    report = audit_run(store, runs[2]["run_id"], baseline_id=runs[0]["run_id"])
+    report = audit_run(store, runs[2]["run_id"], baseline_id=runs[0]["run_id"], reference_models=0)
     assert report["utility"]["accuracy"] == pytest.approx(runs[2]["accuracy"])
 
 
 def test_sweep_points_keep_the_data_and_vary_only_dp():
-    from audit.sweep import sweep_points
+    from server.sweep import sweep_points
     from shared.config import resolve
 
     base = resolve(None, dataset="digits", clients=3, rounds=2, seed=7, target_epsilon=5.0)
@@ -446,3 +447,60 @@ def test_audit_cli_prints_the_unfinished_run_gate(monkeypatch, tmp_path):
     result = cli("audit", "r", "--min-accuracy", "0.5", "--json", "--runs-dir", str(tmp_path))
     assert result.exit_code == 1, result.output
     assert "gate failed: run-ended-normally" in result.stderr and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("damage", ["model-json", "safetensors"])
+def test_a_damaged_final_model_is_one_line_exit_2(damage, tmp_path):
+    from shared.config import RunConfig
+
+    store = RunStore(tmp_path)
+    store.create_run("r", RunConfig(dataset="digits", clients=2, rounds=1).validate().to_dict(), info={})
+    store.update_run("r", status="completed")
+    run_dir = store.run_dir("r")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "model.json").write_text('{"model": "logreg"' if damage == "model-json" else json.dumps(
+        {"model": "logreg", "num_features": 64, "num_classes": 10}))
+    (run_dir / "model.safetensors").write_bytes(b"not a safetensors file")
+    result = CliRunner().invoke(app, ["audit", "r", "--runs-dir", str(tmp_path)])
+    assert result.exit_code == 2, result.output
+    assert "final model files" in result.stderr and "damaged" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_damaged_audit_log_leaves_the_members_unknown_rather_than_guessed(tmp_path):
+    from types import SimpleNamespace
+
+    from audit.mia import member_clients
+    from shared.errors import BadInput
+
+    (tmp_path / "audit.jsonl").write_text('{"kind": "round", "payload": {"participants": [0]}}\n{"kind": "rou')
+    run = SimpleNamespace(config=SimpleNamespace(clients=3), model_path=tmp_path / "model.safetensors", record=SimpleNamespace(info={}))
+    with pytest.raises(BadInput, match="audit log .* is damaged"):
+        member_clients(run)
+    (tmp_path / "audit.jsonl").write_text('{"kind": "round", "payload": {"participants": [0, 2]}}\n')
+    assert member_clients(run) == [0, 2]
+
+
+def test_gates_on_a_run_stopped_before_its_final_model_fail_with_exit_1(tmp_path):
+    from shared.config import RunConfig
+
+    store = RunStore(tmp_path)
+    store.create_run("stopped", RunConfig(dataset="digits", clients=2, rounds=3).validate().to_dict(), info={})
+    store.update_run("stopped", status="failed", error="interrupted before round 2")
+    result = CliRunner().invoke(app, ["audit", "stopped", "--min-accuracy", "0.5", "--max-epsilon", "8", "--json", "--runs-dir", str(tmp_path)])
+    assert result.exit_code == 1, result.output
+    report = json.loads(result.stdout)
+    assert report["audited"] is False and report["gates_passed"] is False
+    assert [g["gate"] for g in report["gates"]] == ["run-ended-normally", "max-epsilon", "min-accuracy"]
+    assert "gate failed: run-ended-normally" in result.stderr
+    plain = CliRunner().invoke(app, ["audit", "stopped", "--runs-dir", str(tmp_path)])
+    assert plain.exit_code == 2 and "has no final model" in plain.stderr
+    unknown = CliRunner().invoke(app, ["audit", "stopped", "--min-accuracy", "0.5", "--baseline", "nope", "--runs-dir", str(tmp_path)])
+    assert unknown.exit_code == 2, unknown.output
+
+
+def test_a_zero_joint_bound_names_no_source():
+    from audit.report import joint_lower_bound
+
+    chance = {"m": 100, "r": 50, "v": 25, "delta": 1e-5}  # half the guesses right: no evidence of leakage
+    joint = joint_lower_bound(None, chance)
+    assert joint["empirical_epsilon_lower_bound"] == 0.0 and joint["empirical_epsilon_source"] is None

@@ -240,3 +240,11 @@ def test_bad_inputs_raise(call, message):
 def test_bounds_are_finite_floats():
     assert isinstance(one_run_epsilon_lower_bound(1000, 600, 600, DELTA), float)
     assert math.isfinite(epsilon_lower_bound_from_counts(0, 1000, 0, 1000, 0.0))
+
+
+@pytest.mark.parametrize("eps, mu", [(1.0, float("nan")), (-1.0, 1.0), (1.0, -0.5), (float("inf"), 1.0)])
+def test_gaussian_mechanism_delta_checks_its_inputs(eps, mu):
+    from shared.errors import BadInput
+
+    with pytest.raises(BadInput, match="must be a finite number >= 0"):
+        gaussian_mechanism_delta(eps, mu)

@@ -180,3 +180,17 @@ def test_members_are_only_clients_that_took_part_honestly_on_the_specs_records(t
     assert len(y_n) == len(run.data.y_test) + sum(len(parts[p].y_val) for p in range(4))
     log.unlink()  # no log: every client that is neither malicious nor on its own data
     assert member_clients(run) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("y, message", [(np.array([0, 10]), "outside the model's 10 classes"), (np.array([0.5, 1.0]), "integer class ids"),
+                                        (np.array([0, 1, 2]), "one label per row")])
+def test_label_scores_check_their_labels(y, message):
+    from audit.mia import loss_scores
+    from shared.errors import BadInput
+    from shared.models import build_model
+
+    model = build_model("logreg", 64, 10, 8)
+    with pytest.raises(BadInput, match=message):
+        loss_scores(model, np.zeros((2, 64), np.float32), y)
+    with pytest.raises(BadInput, match=message):
+        logit_confidence(model, np.zeros((2, 64), np.float32), y)
