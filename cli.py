@@ -15,6 +15,7 @@ import click
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from shared.errors import FedauditError
 
@@ -25,9 +26,15 @@ EXIT_OK, EXIT_GATE_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 # leave, which frees nothing the OS would not and costs about 0.6 s per command.
 atexit.register(gc.freeze)
 
+# Typer 0.20 escapes "[required]" and "[default: ...]" for rich even with rich help off
+# (rich_markup_mode=None), and click then prints the backslashes: tell it rich is absent.
+typer.core.HAS_RICH = False
+
 # Piped output gets a fixed, roomy width instead of rich's 80-column fallback.
-out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 140)
-err = Console(stderr=True, highlight=False, soft_wrap=True, width=None if sys.stderr.isatty() else 140)
+# markup=False: what is printed holds user text (paths, names, messages) that rich would
+# otherwise parse as markup, and "[/x]" in a flag would crash the print.
+out = Console(highlight=False, soft_wrap=True, markup=False, width=None if sys.stdout.isatty() else 140)
+err = Console(stderr=True, highlight=False, soft_wrap=True, markup=False, width=None if sys.stderr.isatty() else 140)
 
 
 class _App(typer.Typer):
@@ -36,6 +43,9 @@ class _App(typer.Typer):
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         try:
             result = typer.main.get_command(self).main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.NoArgsIsHelpError as exc:
+            err.print(exc.format_message())  # the help itself, not an error message
+            sys.exit(EXIT_BAD_INPUT)
         except click.UsageError as exc:
             err.print(f"error: {exc.format_message()}")
             sys.exit(EXIT_BAD_INPUT)
@@ -64,7 +74,7 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except FedauditError as exc:
-            err.print(f"error: {exc}", markup=False)
+            err.print(f"error: {exc}")
             raise typer.Exit(EXIT_BAD_INPUT) from None
 
     return wrapper
@@ -178,7 +188,7 @@ def run(
     else:
         given = [flag for flag, v in (("--superlink", superlink), ("--root-certificates", root_certificates), ("--insecure", insecure or None), ("--reply-timeout", reply_timeout)) if v is not None]
         if given:
-            raise FedauditError(f"{', '.join(given)} need(s) --engine deployment")
+            raise FedauditError(f"{', '.join(given)} {'needs' if len(given) == 1 else 'need'} --engine deployment")
         summary = _run_simulation(settings, config, resume, runs_dir, keys, keys_passphrase_env, as_json=as_json, verbose=verbose)
     if as_json:
         _print_json(summary)
@@ -193,7 +203,8 @@ def _run_simulation(settings: dict, config, resume, runs_dir, keys, keys_passphr
     from shared.config import resolve
 
     if resume is not None:
-        given = sorted(k.replace("_", "-") for k, v in settings.items() if v is not None and k != "ray_address")
+        given = sorted(k.replace("_", "-") for k, v in {**settings, "keys": keys, "keys_passphrase_env": keys_passphrase_env}.items()
+                       if v is not None and k != "ray_address")
         if given or config:
             raise FedauditError(f"--resume takes the run's stored config; drop {', '.join('--' + g for g in given) or '--config'}")
         job = prepare_resume(resume, runs_dir, ray_address=settings["ray_address"])
@@ -213,7 +224,7 @@ def _run_deployment(cfg, superlink, root_certificates, insecure, reply_timeout, 
     conn = connection(superlink, root_certificates, insecure)
     job = prepare_deployment(cfg, conn, runs_dir, keys, reply_timeout if reply_timeout is not None else DEFAULT_REPLY_TIMEOUT)
     modes = [m for m, on in (("sample-level DP", cfg.dp), ("client-level DP", cfg.client_dp)) if on]
-    err.print(f"run {job.run_id}: submitting to SuperLink {conn.describe()}; " + (" + ".join(modes) if modes else "non-private (no DP)"), markup=False)
+    err.print(f"run {job.run_id}: submitting to SuperLink {conn.describe()}; " + (" + ".join(modes) if modes else "non-private (no DP)"))
     progress = Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
         console=err, transient=False,
@@ -226,15 +237,15 @@ def _run_deployment(cfg, superlink, root_certificates, insecure, reply_timeout, 
         if name == "start":
             progress.update(task, description="waiting for SuperNodes")
             for note in event.get("notes", []):
-                progress.console.print(f"  {note}", markup=False)
+                progress.console.print(f"  {note}")
         elif name == "error":
-            progress.console.print(f"server: {event.get('error')}", markup=False)
+            progress.console.print(f"server: {event.get('error')}")
 
     on_clients, on_round = _round_callbacks(progress, task, clients_seen, as_json)
 
     with progress:
         summary = run_deployment_job(job, verbose=verbose, on_event=on_event, on_round=on_round, on_clients=on_clients,
-                                     echo=lambda line: progress.console.print(line, markup=False, highlight=False))
+                                     echo=lambda line: progress.console.print(line, highlight=False))
     summary["clients"] = clients_seen
     return summary
 
@@ -261,6 +272,7 @@ def _round_callbacks(progress, task, clients_seen: list[dict], as_json: bool, fi
 def _run_with_progress(job, *, as_json: bool, verbose: bool, label: str = "") -> dict:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from clients.app import app_for_job
     from server.runner import run_simulation_job
 
     cfg = job.config
@@ -283,10 +295,13 @@ def _run_with_progress(job, *, as_json: bool, verbose: bool, label: str = "") ->
     on_clients, on_round = _round_callbacks(progress, task, clients_seen, as_json, first_round=job.resume_from)
 
     with progress:
-        outcome = run_simulation_job(job, verbose=verbose, on_round=on_round, on_clients=on_clients)
+        outcome = run_simulation_job(job, app_for_job(job), verbose=verbose, on_round=on_round, on_clients=on_clients)
     summary = dict(outcome.summary)
     summary["clients"] = clients_seen
     return summary
+
+
+CLIENT_ROWS = 25
 
 
 def _clients_table(summaries: list[dict]) -> Table:
@@ -295,8 +310,14 @@ def _clients_table(summaries: list[dict]) -> Table:
     table.add_column("train", justify="right")
     table.add_column("val", justify="right")
     table.add_column("labels (count per class)")
-    for s in summaries:
-        table.add_row(str(s["client"]), str(s["num_train"]), str(s["num_val"]), " ".join(map(str, s["label_histogram"])))
+    # A thousand-client run would print a thousand rows: the head and tail, and the count.
+    shown = summaries if len(summaries) <= CLIENT_ROWS else summaries[: CLIENT_ROWS - 5] + [None] + summaries[-5:]
+    for s in shown:
+        if s is None:
+            hidden = len(summaries) - CLIENT_ROWS
+            table.add_row("...", "", "", f"{hidden} more client{'s' if hidden != 1 else ''} (all of them in `--json` and `show --json`)")
+        else:
+            table.add_row(str(s["client"]), str(s["num_train"]), str(s["num_val"]), " ".join(map(str, s["label_histogram"])))
     return table
 
 
@@ -320,7 +341,7 @@ def list_runs(
     as_json: bool = typer.Option(False, "--json", help="Print JSON to stdout."),
 ) -> None:
     """List stored runs."""
-    from server.runner import summarize
+    from shared.summary import summarize
     from shared.store import RunStore
 
     store = RunStore(runs_dir)
@@ -335,9 +356,8 @@ def list_runs(
     for col in ("run_id", "status", "dataset", "dp", "rounds", "accuracy", "epsilon", "delta", "wall_time"):
         table.add_column(col)
     for r in rows:
-        cfg = store.get_run(r["run_id"]).config
         table.add_row(
-            r["run_id"], r["status"], str(cfg.get("dataset") or cfg.get("data")), str(cfg.get("dp")), str(r["rounds"]),
+            r["run_id"], r["status"], str(r["dataset"]), str(r["dp"]), str(r["rounds"]),
             _fmt(r["accuracy"]), _fmt(r["epsilon"], 3), _fmt(r["delta"]), _fmt(r["wall_time"], 1),
         )
     out.print(table)
@@ -351,14 +371,14 @@ def show(
     as_json: bool = typer.Option(False, "--json", help="Print JSON to stdout."),
 ) -> None:
     """Show a run's config, per-round metrics and privacy ledger."""
-    from server.runner import describe_run
+    from shared.summary import describe_run
     from shared.store import RunStore
 
     report = describe_run(RunStore(runs_dir), run_id)
     if as_json:
         _print_json(report)
         return
-    out.print(f"[bold]run {run_id}[/bold]  status: {report['status']}")
+    out.print(Text.assemble((f"run {run_id}", "bold"), f"  status: {report['status']}"))
     cfg = Table(title="config", show_header=False, title_justify="left")
     for k, v in report["config"].items():
         cfg.add_row(k, _fmt(v))
@@ -405,47 +425,13 @@ def budget(
     as_json: bool = typer.Option(False, "--json", help="Print JSON to stdout."),
 ) -> None:
     """Plan a privacy budget: epsilon for a noise level, or the noise for a target epsilon."""
-    from shared import planner
+    from server.budget import plan_budget
 
-    for one, other in (("--noise-multiplier", "--target-epsilon"), ("--client-noise-multiplier", "--client-target-epsilon")):
-        given = {"--noise-multiplier": noise_multiplier, "--target-epsilon": target_epsilon,
-                 "--client-noise-multiplier": client_noise_multiplier, "--client-target-epsilon": client_target_epsilon}
-        if given[one] is not None and given[other] is not None:
-            raise FedauditError(f"give {one} (to get epsilon) or {other} (to get the noise), not both")
-    if sample_rate is not None:
-        report = planner.raw_mechanism(sample_rate, steps, delta, noise_multiplier, target_epsilon)
-    elif config is not None:
-        from server.runner import preflight
-        from shared.config import resolve
-
-        cfg = resolve(config)
-        checked = preflight(cfg)
-        report = planner.run_shape(
-            rounds=cfg.rounds if rounds is None else rounds, clients=cfg.clients, client_sizes=checked.client_sizes,
-            batch_size=cfg.batch_size if batch_size is None else batch_size,
-            local_epochs=cfg.local_epochs if local_epochs is None else local_epochs,
-            participation=cfg.participation_rate if clients_per_round is None else clients_per_round / cfg.clients,
-            delta=delta if delta is not None else checked.delta,
-            noise_multiplier=noise_multiplier if noise_multiplier is not None else (cfg.noise_multiplier if cfg.dp and target_epsilon is None else None),
-            target_epsilon=target_epsilon if target_epsilon is not None else cfg.target_epsilon,
-            client_noise_multiplier=client_noise_multiplier if client_noise_multiplier is not None else (cfg.client_noise_multiplier if cfg.client_dp and client_target_epsilon is None else None),
-            client_target_epsilon=client_target_epsilon if client_target_epsilon is not None else cfg.client_target_epsilon,
-        )
-    else:
-        missing = [f for f, v in (("--rounds", rounds), ("--clients", clients), ("--batch-size", batch_size), ("--dataset-size", dataset_size)) if v is None]
-        if missing:
-            raise FedauditError(f"give --sample-rate/--steps, a --config, or a run shape; missing {', '.join(missing)}")
-        if clients < 1:
-            raise FedauditError(f"--clients must be >= 1, got {clients}")
-        if dataset_size < clients:
-            raise FedauditError(f"--dataset-size {dataset_size} is smaller than --clients {clients}")
-        report = planner.run_shape(
-            rounds=rounds, clients=clients, client_sizes=[dataset_size // clients], batch_size=batch_size,
-            local_epochs=1 if local_epochs is None else local_epochs,
-            participation=(clients if clients_per_round is None else clients_per_round) / clients, delta=delta,
-            noise_multiplier=noise_multiplier, target_epsilon=target_epsilon,
-            client_noise_multiplier=client_noise_multiplier, client_target_epsilon=client_target_epsilon,
-        )
+    report = plan_budget(
+        config=config, sample_rate=sample_rate, steps=steps, noise_multiplier=noise_multiplier, target_epsilon=target_epsilon, delta=delta,
+        rounds=rounds, clients=clients, clients_per_round=clients_per_round, local_epochs=local_epochs, batch_size=batch_size,
+        dataset_size=dataset_size, client_noise_multiplier=client_noise_multiplier, client_target_epsilon=client_target_epsilon,
+    )
     if as_json:
         _print_json(report)
         return
@@ -473,14 +459,10 @@ def keys_init(
     as_json: bool = typer.Option(False, "--json", help="Print JSON to stdout."),
 ) -> None:
     """Create X25519 key pairs for the server and each client, and the server's Ed25519 signing key."""
-    import os
-
     from shared.crypto import init_keys
 
     if clients < 1:
         raise FedauditError(f"--clients must be >= 1, got {clients}")
-    if passphrase_env and not os.environ.get(passphrase_env):
-        raise FedauditError(f"--passphrase-env {passphrase_env}: that environment variable is not set or empty")
     path = init_keys(directory, clients, passphrase_env)
     report = {"keys_dir": str(path), "clients": clients, "encrypted_private_keys": bool(passphrase_env), "registry": str(path / "registry.json")}
     if as_json:
@@ -535,18 +517,18 @@ def certs_init(
     if as_json:
         _print_json(report)
     else:
-        out.print(f"created a CA and a server certificate for {', '.join(report['hosts'])} in {paths.directory}", markup=False)
-        out.print(f"give {paths.ca_cert} to every SuperNode and to `fedaudit run --root-certificates`; keep ca.key and server.key private", markup=False)
+        out.print(f"created a CA and a server certificate for {', '.join(report['hosts'])} in {paths.directory}")
+        out.print(f"give {paths.ca_cert} to every SuperNode and to `fedaudit run --root-certificates`; keep ca.key and server.key private")
 
 
 def _serve(cmd: list[str], env: dict, name: str, verbose: bool, log_file: Optional[Path], banner: str) -> None:
     from shared.processes import run_foreground
 
-    err.print(banner, markup=False)
+    err.print(banner)
     if not verbose:
-        err.print(f"{name} output goes to {log_file}" if log_file else f"{name} output is hidden; add --verbose to see it", markup=False)
+        err.print(f"{name} output goes to {log_file}" if log_file else f"{name} output is hidden; add --verbose to see it")
     code = run_foreground(cmd, env, quiet=not verbose, log_path=log_file)
-    err.print(f"{name} stopped (exit code {code})", markup=False)
+    err.print(f"{name} stopped (exit code {code})")
     raise typer.Exit(code if 0 <= code < 256 else 1)
 
 
@@ -565,24 +547,12 @@ def superlink(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Flower's output."),
 ) -> None:
     """Start a Flower SuperLink in the foreground; SIGTERM or Ctrl-C stops it and its children."""
-    from server.runner import check_keys
-    from shared.crypto import load_registry
-    from shared.processes import flower_env, superlink_command
-    from shared.store import resolve_runs_dir
+    from server.deployment import superlink_launch
+    from shared.processes import flower_env
 
-    runs = resolve_runs_dir(runs_dir)
-    extra = {"FEDAUDIT_RUNS_DIR": str(runs)}
-    if keys is not None:
-        keys = keys.resolve()
-        check_keys(keys, len(load_registry(keys).clients), keys_passphrase_env)
-        extra["FEDAUDIT_KEYS_DIR"] = str(keys)
-        if keys_passphrase_env:
-            extra["FEDAUDIT_KEYS_PASSPHRASE_ENV"] = keys_passphrase_env
-    cmd = superlink_command(certs=certs, insecure=insecure, host=host, port=port, database=(database or runs / "superlink.db").resolve())
-    runs.mkdir(parents=True, exist_ok=True)
-    mode = "plain text (--insecure)" if insecure else f"TLS with {Path(certs).resolve()}"
-    banner = f"SuperLink on {host}:{port}, {mode}; server run store {runs}" + ("" if keys else "; no --keys: encrypted runs will be refused")
-    _serve(cmd, flower_env(extra), "SuperLink", verbose, log_file.resolve() if log_file else None, banner)
+    launch = superlink_launch(certs=certs, insecure=insecure, host=host, port=port, keys=keys, keys_passphrase_env=keys_passphrase_env,
+                              runs_dir=runs_dir, database=database, log_file=log_file if not verbose else None)
+    _serve(launch.command, flower_env(launch.environment), "SuperLink", verbose, log_file.resolve() if log_file else None, launch.banner)
 
 
 @app.command()
@@ -594,41 +564,29 @@ def supernode(
     partition_id: int = typer.Option(..., help="This node's client id (0..N-1): which key and, without --data-dir, which partition it uses."),
     num_partitions: int = typer.Option(..., help="Number of clients in the federation."),
     port: int = typer.Option(9094, help="Local port for this node's ClientApp API; every SuperNode on one host needs its own."),
-    keys: Optional[Path] = typer.Option(None, "--keys", metavar="DIR", help="Holds this client's private key (client-<id>.pem) and registry.json; without it the node takes unencrypted runs only."),
+    keys: Optional[Path] = typer.Option(None, "--keys", metavar="DIR", help="Holds this client's private key (client-<id>.x25519.pem) and registry.json; without it the node takes unencrypted runs only."),
     keys_passphrase_env: Optional[str] = typer.Option(None, help="Environment variable holding this client's key passphrase."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", metavar="PATH", help="This node's own data: one .csv/.parquet file, or a folder holding one (default: its partition of the run's dataset)."),
     log_file: Optional[Path] = typer.Option(None, help="Write Flower's output here instead of hiding it."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Flower's output."),
 ) -> None:
     """Start a Flower SuperNode in the foreground; SIGTERM or Ctrl-C stops it and its children."""
+    from clients.node import supernode_config
     from server.submit import TLSMismatch, Unreachable, connection, probe
-    from clients.encryption import client_keys
-    from shared.data import data_files
     from shared.processes import flower_env, supernode_command
 
-    if num_partitions < 1 or not 0 <= partition_id < num_partitions:
-        raise FedauditError(f"--partition-id must be in 0..--num-partitions-1, got {partition_id} of {num_partitions}")
+    config = supernode_config(partition_id=partition_id, num_partitions=num_partitions, keys=keys, keys_passphrase_env=keys_passphrase_env,
+                              data_dir=data_dir, log_file=log_file if not verbose else None)
     conn = connection(superlink_address, root_certificates, insecure)
-    config: dict = {"partition-id": partition_id, "num-partitions": num_partitions, "keys-dir": "", "keys-passphrase-env": keys_passphrase_env or ""}
-    if keys is not None:
-        keys = keys.resolve()
-        client_keys(str(keys), partition_id, keys_passphrase_env or "")  # the same check the node's ClientApp makes
-        config["keys-dir"] = str(keys)
-    if data_dir is not None:
-        data_dir = data_dir.resolve()
-        files = data_files(str(data_dir))
-        if len(files) != 1:
-            raise FedauditError(f"--data-dir {data_dir} holds {len(files)} data files; give it exactly one")
-        config["data-dir"] = str(data_dir)
     try:
         probe(conn)
     except TLSMismatch:
         raise
     except Unreachable as exc:
-        err.print(f"warning: {exc}; the SuperNode keeps retrying", markup=False)
+        err.print(f"warning: {exc}; the SuperNode keeps retrying")
     cmd = supernode_command(superlink=conn.address, root_certificates=conn.root_certificates, insecure=insecure, port=port, config=config)
     banner = (f"SuperNode for client {partition_id} of {num_partitions}, SuperLink {conn.describe()}, "
-              + ("encrypted runs only" if keys else "no --keys: unencrypted runs only") + (f", data {data_dir}" if data_dir else ""))
+              + ("encrypted runs only" if keys else "no --keys: unencrypted runs only") + (f", data {config['data-dir']}" if data_dir else ""))
     _serve(cmd, flower_env(), "SuperNode", verbose, log_file.resolve() if log_file else None, banner)
 
 
@@ -645,7 +603,7 @@ def _write_report(html_path: Optional[Path], render, report: dict) -> None:
         from audit.html import write_html
 
         path = write_html(render(report), html_path)
-        err.print(f"HTML report written to {path}", markup=False)
+        err.print(f"HTML report written to {path}")
 
 
 def _table_of(title: str, pairs) -> Table:
@@ -658,7 +616,7 @@ def _table_of(title: str, pairs) -> Table:
 def _print_audit(report: dict) -> None:
     u, rob, p = report["utility"], report["robustness"], report["privacy"]
     d = report["data"]
-    out.print(f"[bold]audit of run {report['run_id']}[/bold]  ({d['dataset']}, {d['clients']} clients, model {report['model']['name']}, status {report['status']})")
+    out.print(Text.assemble((f"audit of run {report['run_id']}", "bold"), f"  ({d['dataset']}, {d['clients']} clients, model {report['model']['name']}, status {report['status']})"))
     out.print(_table_of("utility (server test split)", [
         ("accuracy", u["accuracy"]), ("balanced accuracy", u["balanced_accuracy"]), ("precision macro", u["precision_macro"]),
         ("recall macro", u["recall_macro"]), ("F1 macro", u["f1_macro"]), ("ROC AUC", u["roc_auc"]),
@@ -710,18 +668,20 @@ def _print_audit(report: dict) -> None:
             table.add_row(name, _fmt(a["auc"]), _fmt(a["tpr_at_1pct_fpr"]), _fmt(a["tpr_at_0_1pct_fpr"]), _fmt(a["advantage"]), _fmt(a["epsilon_lower_bound"]))
         out.print(table)
         out.print(f"strongest attack: {mia['mia_attack']} (AUC {mia['mia_auc']:.4f}); empirical epsilon lower bound "
-                  f"{mia['empirical_epsilon_lower_bound']:.4f} ({mia['confidence']:.0%} confidence, delta {mia['delta']:g})", markup=False)
+                  f"{mia['empirical_epsilon_lower_bound']:.4f} ({mia['confidence']:.0%} confidence, delta {mia['delta']:g})")
     if p.get("canary_audit"):
         ca = p["canary_audit"]
         out.print(f"canary audit: {ca['m']} canaries ({ca['included']} included), {ca['r']} guesses, {ca['v']} correct: epsilon lower bound "
                   f"{ca['epsilon_lower_bound']:.4f}" + (f" ({ca['confidence']:.0%} confidence)" if ca["valid"] else " (SCANNED: not a valid bound)")
-                  + f"; theoretical epsilon {_fmt(ca['theoretical_epsilon'])} ({ca.get('theoretical_source') or 'non-private'})", markup=False)
+                  + f"; theoretical epsilon {_fmt(ca['theoretical_epsilon'])} ({ca.get('theoretical_source') or 'non-private'})")
     if p.get("client_canary_audit"):
         cc = p["client_canary_audit"]
         out.print(f"canary clients: {cc['canary_clients']} inserted vs {cc['unobserved']} unobserved directions: epsilon estimate "
-                  f"{_fmt(cc['epsilon_estimate'])} (Gaussian fit, not a bound; with two variances as in the paper {_fmt(cc['epsilon_estimate_two_variance'])}); client-level theoretical epsilon {_fmt(cc['theoretical_epsilon'])}", markup=False)
+                  f"{_fmt(cc['epsilon_estimate'])} (Gaussian fit, not a bound; with two variances as in the paper {_fmt(cc['epsilon_estimate_two_variance'])}); client-level theoretical epsilon {_fmt(cc['theoretical_epsilon'])}")
     if p.get("empirical_epsilon_lower_bound") is not None:
-        out.print(f"best valid empirical epsilon lower bound: {p['empirical_epsilon_lower_bound']:.4f} from {p.get('empirical_epsilon_source')}", markup=False)
+        source = p.get("empirical_epsilon_source")
+        out.print(f"best valid empirical epsilon lower bound: {p['empirical_epsilon_lower_bound']:.4f} "
+                  + (f"from {source}" if source else f"(no test beat chance at {p.get('empirical_epsilon_confidence', 0.95):.0%} confidence, every test counted)"))
     if report.get("flags"):
         flags = report["flags"]
         per_client = ", ".join(f"client {c}: {n}" for c, n in flags["flagged_per_client"].items())
@@ -761,14 +721,17 @@ def audit_command(
         raise FedauditError(f"--reference-models must be >= 0, got {reference_models}")
     _check_html_path(html_path)
     report = audit_run(RunStore(runs_dir), run_id, baseline_id=baseline, gates=gates, reference_models=reference_models, canary_scan=canary_scan)
-    _write_report(html_path, audit_html, report)
+    if report.get("audited", True):
+        _write_report(html_path, audit_html, report)
     if as_json:
         _print_json(report)
-    else:
+    elif report.get("audited", True):
         _print_audit(report)
+    else:
+        out.print(f"run {run_id} (status {report['status']}) has no final model; nothing was measured" + (" and no HTML report was written" if html_path else ""))
     failed = [g for g in report["gates"] if not g["passed"]]
     for gate in failed:
-        err.print(f"gate failed: {gate['gate']}: measured {_fmt(gate['measured'])}, threshold {_fmt(gate['threshold'])} ({gate['detail']})", markup=False)
+        err.print(f"gate failed: {gate['gate']}: measured {_fmt(gate['measured'])}, threshold {_fmt(gate['threshold'])} ({gate['detail']})")
     if failed:
         raise typer.Exit(EXIT_GATE_FAILED)
 
@@ -796,7 +759,7 @@ def compare_command(
     names = [chr(ord("A") + i) if i < 26 else str(i + 1) for i in range(len(runs))]
     for name, r in zip(names, runs):
         privacy = "sample-level DP" if r["dp"] else "non-private"
-        out.print(f"{name} = {r['run_id']} ({r['dataset']}, {r['model']}, {privacy}{', client-level DP' if r['client_dp'] else ''})", markup=False)
+        out.print(f"{name} = {r['run_id']} ({r['dataset']}, {r['model']}, {privacy}{', client-level DP' if r['client_dp'] else ''})")
 
     def cell(metric: str, value: Any) -> str:
         return "-" if value is None else (f"{value:g}" if metric.endswith("delta") else _fmt(value))
@@ -848,7 +811,8 @@ def sweep_command(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from audit.html import sweep_html
-    from audit.sweep import NOISE_MODE, TARGET_MODE, parse_values, run_sweep, sweep_points
+    from clients.app import app_for_job
+    from server.sweep import NOISE_MODE, TARGET_MODE, parse_values, run_sweep, sweep_points
     from shared.config import resolve
 
     if (noise_multipliers is None) == (target_epsilons is None):
@@ -872,7 +836,7 @@ def sweep_command(
     def on_run_start(i: int, point, job) -> None:
         progress.update(runs_task, status=f"now: {point.label}")
         progress.reset(rounds_task, total=job.config.rounds, status="starting engine")
-        progress.console.print(f"run {i + 1}/{len(points)} {job.run_id}: {point.label}" + "".join(f"; {n}" for n in job.notes if "keys" not in n), markup=False)
+        progress.console.print(f"run {i + 1}/{len(points)} {job.run_id}: {point.label}" + "".join(f"; {n}" for n in job.notes if "keys" not in n))
 
     def on_round(report) -> None:
         eps = f"  eps {report.epsilon:.3f}" if report.epsilon is not None else ""
@@ -883,7 +847,8 @@ def sweep_command(
         progress.update(runs_task, advance=1, status=f"last: {row['label']} {row['status']}, acc {_fmt(row['accuracy'], 3)}{eps}")
 
     with progress:
-        report = run_sweep(points, runs_dir, mode=mode, verbose=verbose, on_run_start=on_run_start, on_round=on_round, on_run_end=on_run_end)
+        report = run_sweep(points, runs_dir, mode=mode, client_app_for=app_for_job, verbose=verbose, on_run_start=on_run_start, on_round=on_round,
+                           on_run_end=on_run_end)
     _write_report(html_path, sweep_html, report)
     if as_json:
         _print_json(report)

@@ -20,6 +20,7 @@ import time
 
 from audit.canary import client_canary_audit, sample_canary_audit
 from audit.report import load_run
+from clients.app import app_for_job
 from server.runner import prepare_run, run_simulation_job
 from shared.config import resolve
 from shared.evaluation import evaluate
@@ -27,7 +28,8 @@ from shared.store import RunStore
 
 
 def _run(runs: str, **settings) -> str:
-    outcome = run_simulation_job(prepare_run(resolve(None, **settings), runs))
+    job = prepare_run(resolve(None, **settings), runs)
+    outcome = run_simulation_job(job, app_for_job(job))
     if outcome.status != "completed":
         raise SystemExit(f"run failed: {outcome.error}")
     return outcome.run_id

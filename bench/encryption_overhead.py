@@ -13,6 +13,7 @@ import argparse
 import statistics
 import tempfile
 
+from clients.app import app_for_job
 from server.runner import prepare_run, run_simulation_job
 from shared.config import resolve
 from shared.store import RunStore
@@ -20,7 +21,7 @@ from shared.store import RunStore
 
 def round_times(encrypt: bool, rounds: int, runs_dir: str) -> list[float]:
     job = prepare_run(resolve(None, dataset="digits", clients=10, rounds=rounds, encrypt=encrypt), runs_dir)
-    outcome = run_simulation_job(job)
+    outcome = run_simulation_job(job, app_for_job(job))
     assert outcome.status == "completed", outcome.error
     return [r["seconds"] for r in RunStore(runs_dir).get_rounds(job.run_id)][1:]
 

@@ -30,10 +30,10 @@ import tempfile
 import time
 import warnings
 
-import numpy as np
 import torch
 
 from clients.training import GRAD_SAMPLE_MODE, DPSettings, train_local
+from clients.app import app_for_job
 from server.runner import prepare_run, run_simulation_job
 from shared.config import resolve
 from shared.data import client_data, prepare
@@ -98,7 +98,7 @@ def main() -> None:
         seconds, weights = plain_round(cfg, job.model_name, weights, r + 1)
         plain_times.append(seconds)
     started = time.perf_counter()
-    outcome = run_simulation_job(job)
+    outcome = run_simulation_job(job, app_for_job(job))
     wall = time.perf_counter() - started
     for r in range(args.rounds):
         seconds, weights = plain_round(cfg, job.model_name, weights, r + 1)

@@ -63,6 +63,8 @@ CASES = {
     "config int for a path": (["--config", "{d}/data-int.toml"], "setting data must be a string"),
     "empty dataset name": (["--dataset", ""], "--dataset is empty"),
     "negative seed": (["--seed", "-1"], "--seed must be >= 0"),
+    "robust aggregator with client-level DP": (["--client-dp", "--aggregator", "median"], "cannot be combined with --client-dp"),
+    "text rich would read as markup": (["--dataset", "[/x]"], "unknown dataset '[/x]'"),
 }
 
 
@@ -135,3 +137,47 @@ def test_runs_json_is_one_object(tmp_path):
 def test_budget_refuses_both_a_noise_multiplier_and_a_target():
     result = CliRunner().invoke(app, ["budget", "--sample-rate", "0.1", "--steps", "10", "--delta", "1e-5", "--noise-multiplier", "1", "--target-epsilon", "3"])
     assert result.exit_code == 2 and "not both" in result.stderr
+
+
+def test_paths_that_look_like_markup_print_as_they_are(tmp_path):
+    keys = tmp_path / "[/x]" / "keys"
+    result = CliRunner().invoke(app, ["keys", "init", str(keys), "--clients", "2"])
+    assert result.exit_code == 0, result.output
+    assert f"in {keys}" in result.stdout
+    result = CliRunner().invoke(app, ["runs", "--runs-dir", str(tmp_path / "[bold]")])
+    assert result.exit_code == 0 and "[bold]" in result.output
+
+
+@pytest.mark.parametrize("extra, named", [(["--rounds", "3"], "--rounds"), (["--keys", "k"], "--keys"),
+                                          (["--keys-passphrase-env", "P"], "--keys-passphrase-env")])
+def test_resume_refuses_flags_that_would_change_the_stored_run(extra, named, tmp_path):
+    result = CliRunner().invoke(app, ["run", "--resume", "some-run", *extra, "--runs-dir", str(tmp_path)])
+    assert result.exit_code == 2 and f"drop {named}" in result.stderr, result.output
+
+
+def test_a_large_federation_prints_the_head_and_tail_of_its_client_table():
+    from rich.console import Console
+
+    from cli import CLIENT_ROWS, _clients_table
+
+    rows = [{"client": i, "num_train": 10, "num_val": 2, "label_histogram": [4, 6]} for i in range(1000)]
+    console = Console(width=200, record=True)
+    console.print(_clients_table(rows))
+    text = console.export_text()
+    assert _clients_table(rows).row_count == CLIENT_ROWS + 1
+    assert "975 more clients" in text and "│    999 │" in text and "│    990 │" not in text
+
+
+def test_help_shows_required_and_defaults_without_escapes():
+    result = CliRunner().invoke(app, ["show", "--help"])
+    assert "[required]" in result.output and "\\[" not in result.output
+    result = CliRunner().invoke(app, ["superlink", "--help"])
+    assert "[default: 9093]" in result.output and "\\[" not in result.output
+
+
+def test_no_command_prints_the_help_not_an_error():
+    from tests.conftest import run_cli
+
+    proc = run_cli()
+    assert proc.returncode == 2 and proc.stderr.startswith("Usage: ") and "error" not in proc.stderr.splitlines()[0]
+    assert "Commands:" in proc.stderr and "Traceback" not in proc.stderr
