@@ -74,6 +74,7 @@ class ServerJob:
     timeout: float = 3600.0
     exhausted: set = field(default_factory=set)
     cancel: threading.Event = field(default_factory=threading.Event)  # set: stop before the next round
+    cancel_reason: str = "Ctrl-C"  # what set ``cancel``, for the run's error
     notes: list = field(default_factory=list)
     keys_dir: str = ""
     malicious_clients: list = field(default_factory=list)

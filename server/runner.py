@@ -249,6 +249,7 @@ def run_simulation_job(
     error = None
     previous = _stop_on_interrupt(job, store)
     try:
+        _start_ray(backend_config)
         run_simulation(
             server_app=make_server_app(job),
             client_app=client_app,
@@ -263,39 +264,70 @@ def run_simulation_job(
         if verbose:
             traceback.print_exc()
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
+        _stop_ray()
+        for signum, handler in (previous or {}).items():
+            signal.signal(signum, handler)
     if job.cancel.is_set() and error:  # a Ctrl-C after the last round changes nothing
-        error = f"interrupted (Ctrl-C); continue it with: fedaudit run --resume {job.run_id}"
+        error = f"interrupted ({job.cancel_reason}); continue it with: fedaudit run --resume {job.run_id}"
     status = "failed" if error else job.result.get("status", "completed")
     store.finish_run(job.run_id, status, error)
     store.update_run(job.run_id, info={"seconds": time.time() - started})
     return RunOutcome(job.run_id, status, error, summarize(store, job.run_id))
 
 
-def _stop_on_interrupt(job: ServerJob, store: RunStore):
-    """Make Ctrl-C stop the run after its current round, and a second Ctrl-C at once.
+SIGNAL_NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
+
+
+def _stop_on_interrupt(job: ServerJob, store: RunStore) -> dict | None:
+    """Make Ctrl-C or SIGTERM stop the run after its current round, and a second one at once.
 
     Python's KeyboardInterrupt lands in Flower's engine loop on the main thread while the
     ServerApp thread keeps waiting for replies that never come, so the run hung. The
     round loop checks ``job.cancel`` instead and fails the run cleanly (audit log and
-    status written, Ray shut down). Returns the previous handler, or None when not on
-    the main thread (signals cannot be handled there).
+    status written, Ray shut down). A second signal records the run failed and exits
+    at once: 130 after Ctrl-C, 143 after SIGTERM. Returns the previous handlers by
+    signal, or None when not on the main thread (signals cannot be handled there).
     """
     if threading.current_thread() is not threading.main_thread():
         return None
 
     def handler(signum, frame):
+        name = SIGNAL_NAMES[signum]
         if not job.cancel.is_set():
+            job.cancel_reason = name
             job.cancel.set()
-            sys.stderr.write("\ninterrupted: stopping after the current round (Ctrl-C again to stop at once)\n")
+            sys.stderr.write(f"\ninterrupted ({name}): stopping after the current round ({name} again to stop at once)\n")
             return
-        store.finish_run(job.run_id, "failed", f"interrupted (Ctrl-C twice); continue it with: fedaudit run --resume {job.run_id}")
+        store.finish_run(job.run_id, "failed", f"interrupted ({job.cancel_reason}, then {name}); continue it with: fedaudit run --resume {job.run_id}")
         sys.stderr.write(f"\nstopped; run {job.run_id} is recorded as failed\n")
         processes.kill_descendants()
-        os._exit(130)
+        os._exit(128 + signum)
 
-    return signal.signal(signal.SIGINT, handler)
+    return {signum: signal.signal(signum, handler) for signum in SIGNAL_NAMES}
+
+
+def _start_ray(backend_config: dict) -> None:
+    """Start Ray before Flower does, then take SIGTERM back from it.
+
+    Ray's core worker installs a SIGTERM handler that aborts the process (exit 134),
+    which left a terminated run recorded as ``running``. Flower's RayBackend starts Ray
+    only when it is not up yet, so building one here starts Ray with exactly Flower's
+    arguments; the run's handler is then put back on top of Ray's.
+    """
+    from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
+
+    ours = signal.getsignal(signal.SIGTERM)
+    RayBackend(backend_config)
+    if threading.current_thread() is threading.main_thread() and callable(ours):
+        signal.signal(signal.SIGTERM, ours)
+
+
+def _stop_ray() -> None:
+    # Flower shuts Ray down when its engine ends; this covers a run that failed before.
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
 
 
 def demo_configs() -> list[tuple[str, RunConfig]]:

@@ -1,6 +1,7 @@
 """Privacy budgets on real Flower simulations: client-level DP, enforcement, and a
 SIGKILL mid-round followed by --resume."""
 
+import json
 import os
 import signal
 import sqlite3
@@ -157,6 +158,39 @@ def test_sigkill_mid_round_then_resume(tmp_path):
     assert fresh["epsilon"] <= resumed["epsilon"] <= fresh["epsilon"] + one_round + 1e-9
     if killed_mid_round:
         assert resumed["epsilon"] > fresh["epsilon"]
+
+
+def test_sigterm_stops_a_simulation_run_after_its_round_and_records_it_failed(tmp_path):
+    # Ray's core worker turns SIGTERM into an abort (exit 134), which left the run
+    # recorded as running; the run takes SIGTERM back once Ray is up.
+    runs = tmp_path / "runs"
+    db = runs / "runs.db"
+    env = {**os.environ, "FEDAUDIT_RUNS_DIR": str(runs)}
+    args = ("run", "--clients", "3", "--rounds", "30", "--local-epochs", "3", "--seed", "5", "--model", "logreg", "--json")
+    proc = subprocess.Popen([sys.executable, "-m", "cli", *args], cwd=ROOT, env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        rounds = 0
+        while not rounds and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+            try:
+                rounds = sqlite3.connect(db).execute("SELECT COUNT(*) FROM rounds").fetchone()[0]
+            except sqlite3.OperationalError:  # not created yet
+                continue
+        assert rounds, "the run never finished round 1"
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 1, err[-2000:]
+    summary = json.loads(out)
+    assert summary["status"] == "failed" and "interrupted (SIGTERM)" in summary["error"]
+    assert summary["rounds"] < 30
+    status, error = sqlite3.connect(db).execute("SELECT status, error FROM runs").fetchone()
+    assert status == "failed" and f"--resume {summary['run_id']}" in error
 
 
 def test_resuming_a_run_killed_in_round_one_counts_that_round(tmp_path):

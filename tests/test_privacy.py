@@ -448,10 +448,30 @@ def test_ctrl_c_asks_the_round_loop_to_stop_instead_of_hanging(tmp_path):
     previous = _stop_on_interrupt(job, RunStore(tmp_path))
     try:
         signal.raise_signal(signal.SIGINT)  # no KeyboardInterrupt: the handler took it
-        assert job.cancel.is_set()
+        assert job.cancel.is_set() and job.cancel_reason == "Ctrl-C"
     finally:
-        signal.signal(signal.SIGINT, previous)
-    assert signal.getsignal(signal.SIGINT) is previous
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    assert signal.getsignal(signal.SIGINT) is previous[signal.SIGINT]
+
+
+def test_sigterm_asks_the_round_loop_to_stop_as_ctrl_c_does(tmp_path):
+    import signal
+
+    from server.federation import ServerJob
+    from server.runner import _stop_on_interrupt
+    from shared.config import RunConfig
+    from shared.store import RunStore
+
+    job = ServerJob(run_id="r", config=RunConfig(), delta=1e-5, runs_dir=str(tmp_path), model_name="logreg")
+    previous = _stop_on_interrupt(job, RunStore(tmp_path))
+    try:
+        signal.raise_signal(signal.SIGTERM)  # pytest would die here without the handler
+        assert job.cancel.is_set() and job.cancel_reason == "SIGTERM"
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    assert signal.getsignal(signal.SIGTERM) is previous[signal.SIGTERM]
 
 
 def test_a_resume_refused_for_missing_keys_leaves_the_run_as_it_was(tmp_path):
@@ -492,6 +512,7 @@ def test_a_ctrl_c_after_the_last_round_leaves_the_run_completed(tmp_path, monkey
 
     monkeypatch.setattr(flwr.simulation, "run_simulation", finished_then_interrupted)
     monkeypatch.setattr(server.app, "make_server_app", lambda job: None)
+    monkeypatch.setattr(runner, "_start_ray", lambda backend_config: None)
     outcome = runner.run_simulation_job(job, None)
     assert job.cancel.is_set() and (outcome.status, outcome.error) == ("completed", None)
 
