@@ -371,7 +371,7 @@ def show(
     as_json: bool = typer.Option(False, "--json", help="Print JSON to stdout."),
 ) -> None:
     """Show a run's config, per-round metrics and privacy ledger."""
-    from shared.summary import describe_run
+    from shared.summary import describe_run, settings_in_use
     from shared.store import RunStore
 
     report = describe_run(RunStore(runs_dir), run_id)
@@ -379,8 +379,10 @@ def show(
         _print_json(report)
         return
     out.print(Text.assemble((f"run {run_id}", "bold"), f"  status: {report['status']}"))
-    cfg = Table(title="config", show_header=False, title_justify="left")
-    for k, v in report["config"].items():
+    if report["error"]:
+        out.print(f"error: {report['error']}")
+    cfg = Table(title="config (settings that acted in this run)", show_header=False, title_justify="left")
+    for k, v in settings_in_use(report["config"], report["delta"]).items():
         cfg.add_row(k, _fmt(v))
     out.print(cfg)
     if report.get("privacy"):

@@ -99,6 +99,10 @@ def raw_mechanism(sample_rate: float, steps: int, delta: float | None, noise_mul
     return out
 
 
+# A plan without noise has only the mechanism's shape: no epsilon is claimed for it.
+NO_NOISE_NOTE = "no {level}-level noise given: q and T only, no epsilon (add --{flag}noise-multiplier or --{flag}target-epsilon)"
+
+
 def run_shape(
     *,
     rounds: int,
@@ -130,12 +134,12 @@ def run_shape(
         report["sample_level"]["note"] = "worst-case client, assuming it trains in every round"
     else:
         m = mechanisms[-1]
-        report["sample_level"] = {"sample_rate": m.sample_rate, "steps": m.steps}
+        report["sample_level"] = {"sample_rate": m.sample_rate, "steps": m.steps, "note": NO_NOISE_NOTE.format(level="sample", flag="")}
     client_mech = [Mechanism(participation, rounds)]
     if client_noise_multiplier is not None or client_target_epsilon is not None:
         if participation * clients < 2:
             raise BadInput(f"client-level DP needs at least 2 clients per round in expectation, got {participation * clients:g}")
         report["client_level"] = _mode_report(client_mech, delta, client_noise_multiplier, client_target_epsilon)
     else:
-        report["client_level"] = {"sample_rate": participation, "steps": rounds}
+        report["client_level"] = {"sample_rate": participation, "steps": rounds, "note": NO_NOISE_NOTE.format(level="client", flag="client-")}
     return report

@@ -90,6 +90,46 @@ PRIVACY_ASSUMPTIONS = (
 )
 
 
+# Settings that only act under another one: (setting, does it act for this config).
+_ACTS_ONLY_WHEN = {
+    "data": lambda c: bool(c.get("data")),
+    "label": lambda c: bool(c.get("data")),
+    "samples": lambda c: c.get("dataset") == "synthetic",
+    "features": lambda c: c.get("dataset") == "synthetic",
+    "classes": lambda c: c.get("dataset") == "synthetic",
+    "proximal-mu": lambda c: c.get("strategy") == "fedprox",
+    "server-lr": lambda c: c.get("strategy") == "fedadam",
+    "noise-multiplier": lambda c: bool(c.get("dp")),
+    "max-grad-norm": lambda c: bool(c.get("dp")),
+    "target-epsilon": lambda c: bool(c.get("dp")),
+    "reproducible-noise": lambda c: bool(c.get("dp") or c.get("client-dp")),
+    "client-noise-multiplier": lambda c: bool(c.get("client-dp")),
+    "client-clip": lambda c: bool(c.get("client-dp")),
+    "client-sample-rate": lambda c: bool(c.get("client-dp")),
+    "client-target-epsilon": lambda c: bool(c.get("client-dp")),
+    "attack": lambda c: bool(c.get("malicious")),
+}
+
+
+def settings_in_use(config: dict, delta: float | None) -> dict:
+    """A stored run's config as it acted (``fedaudit show``'s table): defaults filled
+    in (the dataset, the delta chosen from the data) and settings that did nothing in
+    this run, such as the synthetic generator's sizes on digits, left out. The full
+    resolved config stays in the run store and in ``show --json``."""
+    shown = {}
+    for key, value in config.items():
+        if key in _ACTS_ONLY_WHEN and not _ACTS_ONLY_WHEN[key](config):
+            continue
+        if key == "dataset" and not config.get("data"):
+            value = RunConfig.from_stored(config).dataset_name
+        elif key == "dataset":
+            continue  # the data file is the dataset
+        elif key == "delta" and value is None:
+            value = delta
+        shown[key] = value
+    return shown
+
+
 def describe_run(store: RunStore, run_id: str) -> dict:
     """Config, per-round metrics and the privacy ledger of one run (``fedaudit show``)."""
     record = store.get_run(run_id)

@@ -105,3 +105,23 @@ def test_runs_lists_every_run(private_run, nonprivate_run, e2e_dir):
     assert by_id[nonprivate_run["run_id"]]["dp"] is False
     table = run_cli("runs", runs_dir=e2e_dir)
     assert table.returncode == 0 and private_run["run_id"] in table.stdout and "digits" in table.stdout
+
+
+def test_show_table_lists_the_settings_that_acted(private_run, e2e_dir):
+    text = run_cli("show", private_run["run_id"], runs_dir=e2e_dir).stdout
+    rows = {line.split("│")[1].strip(): line.split("│")[2].strip() for line in text.splitlines() if line.count("│") == 3}
+    assert rows["dataset"] == "digits" and rows["delta"] == "1e-05" and rows["noise-multiplier"] != "-"
+    assert not {"samples", "features", "classes", "proximal-mu", "server-lr", "client-clip", "attack", "data"} & set(rows)
+
+
+def test_settings_in_use_keeps_what_each_choice_switches_on():
+    from shared.config import RunConfig
+    from shared.summary import settings_in_use
+
+    synthetic = RunConfig(dataset="synthetic", strategy="fedprox", dp=False, client_dp=True, malicious=1).to_dict()
+    shown = settings_in_use(synthetic, None)
+    assert {"samples", "features", "classes", "proximal-mu", "client-clip", "attack"} <= set(shown)
+    assert not {"server-lr", "noise-multiplier", "max-grad-norm", "target-epsilon"} & set(shown)
+    from_file = settings_in_use(RunConfig(data="x.csv", label="y").to_dict(), 1e-4)
+    assert from_file["data"] == "x.csv" and from_file["label"] == "y" and "dataset" not in from_file
+    assert from_file["delta"] == 1e-4

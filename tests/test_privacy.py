@@ -603,3 +603,15 @@ def test_a_round_without_a_test_split_still_counts_and_the_default_dataset_is_na
     store.record_round("r", 1, {"accuracy": None, "model_sha256": "x"}, [])
     summary = summarize(store, "r")
     assert (summary["rounds"], summary["accuracy"], summary["dataset"]) == (1, None, "digits")
+
+
+def test_a_budget_plan_without_noise_says_it_claims_no_epsilon(tmp_path):
+    from server.budget import plan_budget
+
+    config = tmp_path / "run.toml"
+    config.write_text('dataset = "digits"\nclients = 10\nrounds = 5\n')  # sample-level DP by default, no client-level
+    planned = plan_budget(config=config)
+    assert "epsilon_prv" in planned["sample_level"]
+    assert "epsilon_prv" not in planned["client_level"] and "no client-level noise given" in planned["client_level"]["note"]
+    shape_only = plan_budget(rounds=5, clients=10, batch_size=32, dataset_size=1000)
+    assert "no sample-level noise given" in shape_only["sample_level"]["note"]
