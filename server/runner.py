@@ -267,7 +267,7 @@ def run_simulation_job(
         _stop_ray()
         for signum, handler in (previous or {}).items():
             signal.signal(signum, handler)
-    if job.cancel.is_set() and error:  # a Ctrl-C after the last round changes nothing
+    if job.cancel.is_set() and error:  # a signal after the last round changes nothing
         error = f"interrupted ({job.cancel_reason}); continue it with: fedaudit run --resume {job.run_id}"
     status = "failed" if error else job.result.get("status", "completed")
     store.finish_run(job.run_id, status, error)

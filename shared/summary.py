@@ -92,6 +92,7 @@ PRIVACY_ASSUMPTIONS = (
 
 # Settings that only act under another one: (setting, does it act for this config).
 _ACTS_ONLY_WHEN = {
+    "dataset": lambda c: not c.get("data"),  # a data file is the dataset
     "data": lambda c: bool(c.get("data")),
     "label": lambda c: bool(c.get("data")),
     "samples": lambda c: c.get("dataset") == "synthetic",
@@ -120,10 +121,8 @@ def settings_in_use(config: dict, delta: float | None) -> dict:
     for key, value in config.items():
         if key in _ACTS_ONLY_WHEN and not _ACTS_ONLY_WHEN[key](config):
             continue
-        if key == "dataset" and not config.get("data"):
+        if key == "dataset":
             value = RunConfig.from_stored(config).dataset_name
-        elif key == "dataset":
-            continue  # the data file is the dataset
         elif key == "delta" and value is None:
             value = delta
         shown[key] = value
