@@ -436,7 +436,8 @@ def test_prv_is_not_run_past_its_limit_and_says_infinity():
     assert report["epsilon_prv"] == float("inf") and "epsilon_rdp is the bound" in report["note"]
 
 
-def test_ctrl_c_asks_the_round_loop_to_stop_instead_of_hanging(tmp_path):
+@pytest.mark.parametrize("signame, reason", [("SIGINT", "Ctrl-C"), ("SIGTERM", "SIGTERM")])
+def test_ctrl_c_or_sigterm_asks_the_round_loop_to_stop_instead_of_hanging(signame, reason, tmp_path):
     import signal
 
     from server.federation import ServerJob
@@ -444,34 +445,17 @@ def test_ctrl_c_asks_the_round_loop_to_stop_instead_of_hanging(tmp_path):
     from shared.config import RunConfig
     from shared.store import RunStore
 
+    signum = getattr(signal, signame)
     job = ServerJob(run_id="r", config=RunConfig(), delta=1e-5, runs_dir=str(tmp_path), model_name="logreg")
     previous = _stop_on_interrupt(job, RunStore(tmp_path))
     try:
-        signal.raise_signal(signal.SIGINT)  # no KeyboardInterrupt: the handler took it
-        assert job.cancel.is_set() and job.cancel_reason == "Ctrl-C"
+        # No KeyboardInterrupt, and for SIGTERM pytest would die here without the handler.
+        signal.raise_signal(signum)
+        assert job.cancel.is_set() and job.cancel_reason == reason
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-    assert signal.getsignal(signal.SIGINT) is previous[signal.SIGINT]
-
-
-def test_sigterm_asks_the_round_loop_to_stop_as_ctrl_c_does(tmp_path):
-    import signal
-
-    from server.federation import ServerJob
-    from server.runner import _stop_on_interrupt
-    from shared.config import RunConfig
-    from shared.store import RunStore
-
-    job = ServerJob(run_id="r", config=RunConfig(), delta=1e-5, runs_dir=str(tmp_path), model_name="logreg")
-    previous = _stop_on_interrupt(job, RunStore(tmp_path))
-    try:
-        signal.raise_signal(signal.SIGTERM)  # pytest would die here without the handler
-        assert job.cancel.is_set() and job.cancel_reason == "SIGTERM"
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-    assert signal.getsignal(signal.SIGTERM) is previous[signal.SIGTERM]
+        for restored, handler in previous.items():
+            signal.signal(restored, handler)
+    assert signal.getsignal(signum) is previous[signum]
 
 
 def test_a_resume_refused_for_missing_keys_leaves_the_run_as_it_was(tmp_path):
