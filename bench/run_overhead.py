@@ -1,6 +1,11 @@
 """`fedaudit run` wall time against the same local training in a plain PyTorch loop.
 
     python -m bench.run_overhead [--rounds 6] [--clients 10]
+    python -m bench.run_overhead --dataset synthetic --samples 200000 --rounds 4
+
+The first form is the demo's workload (digits), where a round computes only tens of
+milliseconds; the second gives every client enough records that a round computes
+seconds, the size at which the fixed per-round cost described below stops mattering.
 
 The federated run is split into a fixed start-up cost (Ray, actors, the describe
 round, shutdown: wall time minus the sum of round times) and a per-round time. The
@@ -79,13 +84,18 @@ def main() -> None:
     parser.add_argument("--cpus-per-client", type=float, default=1.0)
     parser.add_argument("--model", default=None, help="logreg, mlp or cnn (default: the dataset's)")
     parser.add_argument("--local-epochs", type=int, default=1)
+    parser.add_argument("--dataset", default="digits", help="digits, breast-cancer or synthetic")
+    parser.add_argument("--samples", type=int, default=None, help="synthetic only: records in all")
+    parser.add_argument("--features", type=int, default=None, help="synthetic only")
+    parser.add_argument("--classes", type=int, default=None, help="synthetic only")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
 
     cfg = resolve(
-        None, dataset="digits", clients=args.clients, rounds=args.rounds, cpus_per_client=args.cpus_per_client,
+        None, dataset=args.dataset, clients=args.clients, rounds=args.rounds, cpus_per_client=args.cpus_per_client,
         model=args.model, local_epochs=args.local_epochs,
+        samples=args.samples, features=args.features, classes=args.classes,
     )
     parallel = max(1, int(2 // args.cpus_per_client))
     runs_dir = tempfile.mkdtemp(prefix="fedaudit-bench-")
@@ -112,7 +122,10 @@ def main() -> None:
     startup = wall - sum(round_times) + (round_times[0] - steady)
     sequential = statistics.median(plain_times)
     plain = sequential / parallel
-    print(f"fedaudit run: digits, {cfg.clients} clients, {cfg.rounds} rounds, model {job.model_name}, "
+    dataset = cfg.data_spec.dataset
+    if dataset == "synthetic":
+        dataset += f" ({cfg.samples} records, {cfg.features} features, {cfg.classes} classes)"
+    print(f"fedaudit run: {dataset}, {cfg.clients} clients, {cfg.rounds} rounds, model {job.model_name}, "
           f"{cfg.local_epochs} local epoch(s), dp={cfg.dp}, "
           f"{parallel} client(s) in parallel")
     print(f"  wall time                     {wall:8.2f} s")
