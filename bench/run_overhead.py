@@ -122,7 +122,7 @@ def main() -> None:
     startup = wall - sum(round_times) + (round_times[0] - steady)
     sequential = statistics.median(plain_times)
     plain = sequential / parallel
-    dataset = cfg.data_spec.dataset
+    dataset = cfg.dataset_name
     if dataset == "synthetic":
         dataset += f" ({cfg.samples} records, {cfg.features} features, {cfg.classes} classes)"
     print(f"fedaudit run: {dataset}, {cfg.clients} clients, {cfg.rounds} rounds, model {job.model_name}, "
