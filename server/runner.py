@@ -27,7 +27,7 @@ from shared.crypto import init_keys, load_registry, load_server_keys
 from shared.data import client_sizes, prepare
 from shared.errors import BadInput
 from shared.models import build_model
-from shared.store import ENDED_NORMALLY, RunStore, atomic_write_bytes, new_run_id
+from shared.store import ENDED_NORMALLY, RunStore, atomic_write_bytes, new_run_id, this_process
 from shared.summary import summarize
 
 
@@ -145,7 +145,7 @@ def prepare_run(
             notes.append(f"clients {', '.join(map(str, malicious))} are malicious ({config.attack})")
         info = {
             "model": checked.model_name, "engine": "simulation", "notes": notes, "keys_dir": str(keys_dir),
-            "keys_passphrase_env": keys_passphrase_env, "malicious_clients": malicious,
+            "keys_passphrase_env": keys_passphrase_env, "malicious_clients": malicious, "owner": this_process(),
         }
         atomic_write_bytes(store.run_dir(run_id) / "config.toml", tomli_w.dumps(config.to_toml_dict()).encode())
         store.create_run(run_id, config.to_dict(), info=info)
@@ -185,7 +185,7 @@ def prepare_resume(run_id: str, runs_dir: str | Path | None, ray_address: str | 
     keys_env = record.info.get("keys_passphrase_env")
     check_keys(record.info["keys_dir"], config.nodes, keys_env)  # before the run is touched
     store.set_aside_interrupted(run_id, last)
-    store.update_run(run_id, status="running", error=None, finished_at=None)
+    store.update_run(run_id, status="running", error=None, finished_at=None, info={"owner": this_process()})
     notes = [f"resuming run {run_id} after round {last}"]
     return ServerJob(
         run_id=run_id, config=config, delta=record.delta, runs_dir=str(store.root), model_name=record.info["model"], resume_from=last, resuming=True, notes=notes,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import socket
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ from typing import Any
 
 from shared.errors import BadInput
 from shared.files import write_atomic
+from shared.processes import alive, start_time
 from shared.results import finite_or_none
 
 DEFAULT_RUNS_DIR = "fedaudit-runs"
@@ -121,6 +123,30 @@ STATUSES = ("running", "completed", "failed", "budget-exhausted")
 # a closed audit log, and its model may be gated.
 ENDED_NORMALLY = ("completed", "budget-exhausted")
 
+# Shown, never stored: a run still marked running whose process is known to be gone
+# (killed with SIGKILL, out of memory, the machine lost power). The stored status stays
+# `running`, so --resume and every reader of runs.db see what was written.
+INTERRUPTED = "interrupted"
+
+
+def this_process() -> dict:
+    """Who is running a run: host, PID and the PID's start time (a reused PID differs)."""
+    pid = os.getpid()
+    return {"host": socket.gethostname(), "pid": pid, "start": start_time(pid)}
+
+
+def process_gone(owner: dict | None) -> bool:
+    """True only when ``owner`` (from :func:`this_process`) is known to have exited.
+
+    Another host's process cannot be checked from here, so its run is not called gone.
+    """
+    if not owner or owner.get("host") != socket.gethostname() or not isinstance(owner.get("pid"), int):
+        return False
+    pid = owner["pid"]
+    if not alive(pid):
+        return True
+    return bool(owner.get("start")) and start_time(pid) not in ("", owner["start"])
+
 
 def resolve_runs_dir(runs_dir: str | Path | None = None) -> Path:
     return Path(runs_dir or os.environ.get(RUNS_DIR_ENV) or DEFAULT_RUNS_DIR).resolve()
@@ -157,6 +183,20 @@ class RunRecord:
     @property
     def wall_time(self) -> float | None:
         return None if self.finished_at is None else self.finished_at - self.created_at
+
+    @property
+    def shown_status(self) -> str:
+        """The stored status, or ``interrupted`` for a running run whose process is gone."""
+        if self.status == "running" and process_gone(self.info.get("owner")):
+            return INTERRUPTED
+        return self.status
+
+    @property
+    def shown_error(self) -> str | None:
+        if self.shown_status != INTERRUPTED:
+            return self.error
+        return (f"interrupted: the process running it (pid {self.info['owner']['pid']}) is gone;"
+                f" continue it with: fedaudit run --resume {self.run_id}")
 
 
 class RunStore:

@@ -41,8 +41,8 @@ def summarize(store: RunStore, run_id: str) -> dict:
         notes.append("the PRV accountant could not bound epsilon (it is huge); the RDP bound is reported instead")
     return {
         "run_id": run_id,
-        "status": record.status,
-        "error": record.error,
+        "status": record.shown_status,
+        "error": record.shown_error,
         "dataset": RunConfig.from_stored(record.config).dataset_name,
         "dp": dp,
         "rounds": len(finished),
@@ -135,8 +135,8 @@ def describe_run(store: RunStore, run_id: str) -> dict:
     rounds = store.get_rounds(run_id)
     report = {
         "run_id": run_id,
-        "status": record.status,
-        "error": record.error,
+        "status": record.shown_status,
+        "error": record.shown_error,
         "config": record.config,
         "delta": record.delta,
         "wall_time": record.wall_time,

@@ -145,6 +145,9 @@ def test_sigkill_mid_round_then_resume(tmp_path):
     delta = sqlite3.connect(db).execute("SELECT delta FROM runs").fetchone()[0]
     before = _max_epsilon(db, run_id, delta)
     assert sqlite3.connect(db).execute("SELECT status FROM runs").fetchone()[0] == "running"  # never looks complete
+    # ...but it is not shown as still running once its process is gone.
+    listed = run_json("runs", runs_dir=runs)["runs"][0]
+    assert listed["status"] == "interrupted" and f"fedaudit run --resume {run_id}" in listed["error"]
 
     resumed = run_json("run", "--resume", run_id, runs_dir=runs)
     assert resumed["status"] == "completed" and resumed["rounds"] == 6
@@ -158,6 +161,30 @@ def test_sigkill_mid_round_then_resume(tmp_path):
     assert fresh["epsilon"] <= resumed["epsilon"] <= fresh["epsilon"] + one_round + 1e-9
     if killed_mid_round:
         assert resumed["epsilon"] > fresh["epsilon"]
+
+
+def test_a_running_run_is_shown_interrupted_only_once_its_process_is_known_to_be_gone(tmp_path):
+    from shared.store import RunStore, this_process
+
+    store = RunStore(tmp_path)
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    me = this_process()
+    owners = {
+        "alive": me,
+        "exited": {**me, "pid": child.pid},
+        "pid-reused": {**me, "start": str(int(me["start"]) - 1)},  # this PID, another start time
+        "other-host": {**me, "host": me["host"] + "-elsewhere", "pid": child.pid},
+        "unrecorded": None,
+    }
+    for run_id, owner in owners.items():
+        store.create_run(run_id, {}, info={} if owner is None else {"owner": owner})
+    shown = {r.run_id: r.shown_status for r in store.list_runs()}
+    assert shown == {"alive": "running", "exited": "interrupted", "pid-reused": "interrupted",
+                     "other-host": "running", "unrecorded": "running"}
+    assert "fedaudit run --resume exited" in store.get_run("exited").shown_error
+    store.finish_run("exited", "failed", "boom")
+    assert store.get_run("exited").shown_status == "failed" and store.get_run("exited").shown_error == "boom"
 
 
 def test_sigterm_stops_a_simulation_run_after_its_round_and_records_it_failed(tmp_path):
