@@ -69,6 +69,35 @@ def _step(opt, model: nn.Module, anchor: list[torch.Tensor] | None, proximal_mu:
         opt.original_optimizer.step()
 
 
+def poisson_loader(dataset: TensorDataset, num_batches: int, generator: torch.Generator) -> DataLoader:
+    """Poisson sampling at q = 1/num_batches, for exactly ``num_batches`` steps an epoch.
+
+    Opacus's ``DPDataLoader`` does two things the ledger must not inherit. It runs
+    int(1/q) batches, one short of 1/q for some q (int(1/(1/93)) = 92), so a planned
+    epoch and a trained one differed. And it compares float32 uniforms with q, which
+    includes each record with probability ceil(float32(q) 2^24)/2^24: above q (by 4.9e-8
+    at q = 1/93), so a ledger holding q would under-state epsilon. Uniforms in float64
+    are multiples of 2^-53, so the inclusion probability exceeds q by less than 2^-53.
+    Empty batches come out as zero-length tensors, collated the way Opacus does it.
+    """
+    from opacus.data_loader import DPDataLoader
+    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
+    class FloatSixtyFourSampler(UniformWithReplacementSampler):
+        def __iter__(self):
+            for _ in range(self.steps):
+                draws = torch.rand(self.num_samples, generator=self.generator, dtype=torch.float64)
+                yield (draws < self.sample_rate).nonzero(as_tuple=False).reshape(-1).tolist()
+
+    sample_rate = 1.0 / num_batches
+    sampler = FloatSixtyFourSampler(num_samples=len(dataset), sample_rate=sample_rate, generator=generator, steps=num_batches)
+    # Only its collate function is used: it turns an empty batch into zero-length tensors.
+    collate = DPDataLoader(dataset, sample_rate=sample_rate).collate_fn
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate)
+    loader.sample_rate = sample_rate
+    return loader
+
+
 def train_local(
     model: nn.Module,
     x: np.ndarray,
@@ -124,10 +153,9 @@ def train_local(
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator, drop_last=True)
     else:
         from opacus import PrivacyEngine
-        from opacus.data_loader import DPDataLoader
 
         # Our own Poisson loader, so that q comes from the public record count.
-        loader = DPDataLoader(dataset, sample_rate=1.0 / batches_per_epoch(public, batch_size), generator=generator)
+        loader = poisson_loader(dataset, batches_per_epoch(public, batch_size), generator)
 
         # The engine's own accountant is unused: the client's ledger in Context.state
         # is the single source of truth, and it spans every round.
