@@ -389,7 +389,7 @@ def show(
         p = report["privacy"]
         out.print(f"accountant: {p['accountant']} (headline; RDP also shown), delta = {p['delta']:g}")
         for unit in p["units"]:
-            out.print(f"privacy unit: {unit['unit']}: epsilon {_fmt(unit['epsilon'], 3)} (PRV), {_fmt(unit['epsilon_rdp'], 3)} (RDP)")
+            out.print(f"privacy unit: {unit['unit']}: epsilon {_fmt(unit['epsilon'], 3)} ({p['accountant'].upper()}), {_fmt(unit['epsilon_rdp'], 3)} (RDP)")
         if p["max_epsilon"] is not None:
             out.print(f"budget: max epsilon {p['max_epsilon']:g}, left {_fmt(p['budget_left'], 3)}")
         out.print("assumptions:")

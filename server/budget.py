@@ -65,11 +65,16 @@ def plan_budget(
         if client_noise_multiplier is not None or client_target_epsilon is not None:
             cfg = replace(cfg, client_noise_multiplier=client_noise_multiplier if client_noise_multiplier is not None else cfg.client_noise_multiplier,
                           client_target_epsilon=client_target_epsilon)
-        if clients_per_round is not None:
-            cfg = replace(cfg, client_sample_rate=clients_per_round / cfg.clients)
-        checked = preflight(cfg.validate())
         sample_given = noise_multiplier is not None or target_epsilon is not None
         client_given = client_noise_multiplier is not None or client_target_epsilon is not None
+        if client_given:
+            cfg = replace(cfg, client_dp=True)  # plan the config's run with client-level DP added
+        if clients_per_round is not None:
+            if not cfg.client_dp:
+                raise BadInput("--clients-per-round plans client-level DP, which the config does not use;"
+                               " add --client-noise-multiplier or --client-target-epsilon")
+            cfg = replace(cfg, client_sample_rate=clients_per_round / cfg.clients)
+        checked = preflight(cfg.validate())
         return planner.run_shape(
             rounds=cfg.rounds, clients=cfg.clients, client_sizes=checked.client_sizes, batch_size=cfg.batch_size, local_epochs=cfg.local_epochs,
             participation=cfg.participation_rate, delta=checked.delta,

@@ -64,10 +64,7 @@ def preflight(config: RunConfig) -> Preflight:
         delta = privacy.default_delta(smallest if config.dp else None, config.nodes if config.client_dp else None)
         if config.dp or config.client_dp:  # a non-private run has no delta to speak of
             notes.append(f"delta = {delta:g} (default: below 1/(records of the smallest client)" + (" and 1/(number of clients)" if config.client_dp else "") + ")")
-    if config.dp and delta >= 1.0 / smallest:
-        raise BadInput(f"--delta {delta:g} must be below 1/(smallest client's records) = 1/{smallest} = {1.0 / smallest:.3g}")
-    if config.client_dp and delta >= 1.0 / config.nodes:
-        raise BadInput(f"--delta {delta:g} must be below 1/(number of clients) = 1/{config.nodes} for client-level DP")
+    privacy.check_delta(delta, smallest if config.dp else None, config.nodes if config.client_dp else None)
 
     if config.target_epsilon is not None:
         mechanisms = planner.sample_level_mechanisms(sizes, config.batch_size, config.local_epochs, config.rounds)

@@ -130,6 +130,7 @@ def run_shape(
     report: dict = {"delta": delta, "accountant": privacy.HEADLINE_ACCOUNTANT, "rounds": rounds, "clients": clients}
     mechanisms = sample_level_mechanisms(client_sizes, batch_size, local_epochs, rounds)
     if noise_multiplier is not None or target_epsilon is not None:
+        privacy.check_delta(delta, smallest_client_records=min(client_sizes))
         report["sample_level"] = _mode_report(mechanisms, delta, noise_multiplier, target_epsilon)
         report["sample_level"]["note"] = "worst-case client, assuming it trains in every round"
     else:
@@ -139,6 +140,7 @@ def run_shape(
     if client_noise_multiplier is not None or client_target_epsilon is not None:
         if participation * clients < 2:
             raise BadInput(f"client-level DP needs at least 2 clients per round in expectation, got {participation * clients:g}")
+        privacy.check_delta(delta, num_clients=clients)
         report["client_level"] = _mode_report(client_mech, delta, client_noise_multiplier, client_target_epsilon)
     else:
         report["client_level"] = {"sample_rate": participation, "steps": rounds, "note": NO_NOISE_NOTE.format(level="client", flag="client-")}

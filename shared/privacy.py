@@ -213,6 +213,16 @@ def noise_for_target(
     return high
 
 
+def check_delta(delta: float, smallest_client_records: int | None = None, num_clients: int | None = None) -> None:
+    """Refuse a delta of 1/n or more for the privacy unit: one such guarantee allows
+    releasing a whole record (sample level) or a whole client's data (client level)."""
+    n = smallest_client_records
+    if n and delta >= 1.0 / n:
+        raise BadInput(f"--delta {delta:g} must be below 1/(smallest client's records) = 1/{n} = {1.0 / n:.3g}")
+    if num_clients and delta >= 1.0 / num_clients:
+        raise BadInput(f"--delta {delta:g} must be below 1/(number of clients) = 1/{num_clients} for client-level DP")
+
+
 def default_delta(smallest_client_records: int | None = None, num_clients: int | None = None) -> float:
     """A delta safely below 1/n for the privacy unit.
 

@@ -133,6 +133,10 @@ def describe_run(store: RunStore, run_id: str) -> dict:
     """Config, per-round metrics and the privacy ledger of one run (``fedaudit show``)."""
     record = store.get_run(run_id)
     rounds = store.get_rounds(run_id)
+    summary = summarize(store, run_id)
+    # Where PRV could not bound epsilon (stored as null), the headline is RDP's; so is every
+    # epsilon below, since null would read as "no DP".
+    key = "epsilon_rdp" if summary["accountant"] == "rdp" else "epsilon"
     report = {
         "run_id": run_id,
         "status": record.shown_status,
@@ -147,7 +151,7 @@ def describe_run(store: RunStore, run_id: str) -> dict:
                 "accuracy": r["accuracy"],
                 "loss": r["loss"],
                 "federated_accuracy": r["federated_accuracy"],
-                "epsilon": r["epsilon"],
+                "epsilon": r[key],
                 "epsilon_rdp": r["epsilon_rdp"],
                 "client_epsilon": r["client_epsilon"],
                 "participants": r["participants"],
@@ -156,7 +160,7 @@ def describe_run(store: RunStore, run_id: str) -> dict:
                 "clients": [
                     {
                         "client": c["client"],
-                        "epsilon": c["epsilon"],
+                        "epsilon": c[key],
                         "epsilon_rdp": c["epsilon_rdp"],
                         "refused": bool(c["refused"]),
                         "num_examples": c["num_examples"],
@@ -173,7 +177,6 @@ def describe_run(store: RunStore, run_id: str) -> dict:
             for r in rounds
         ],
     }
-    summary = summarize(store, run_id)
     units = []
     if record.config.get("dp"):
         trained: dict[int, list[int]] = {}
@@ -210,7 +213,7 @@ def describe_run(store: RunStore, run_id: str) -> dict:
         )
     if units:
         report["privacy"] = {
-            "accountant": privacy.HEADLINE_ACCOUNTANT,
+            "accountant": summary["accountant"],
             "accountants": list(privacy.ACCOUNTANTS),
             "delta": record.delta,
             "epsilon": summary["epsilon"],

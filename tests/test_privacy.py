@@ -158,6 +158,16 @@ BUDGET_BAD = {
         ["--rounds", "5", "--clients", "10", "--clients-per-round", "1", "--batch-size", "8", "--dataset-size", "1000", "--client-noise-multiplier", "1"],
         "at least 2 clients per round",
     ),
+    # a run refuses these deltas; a plan of that run must too (each client holds 130 records)
+    "sample-level delta above 1/records": (
+        ["--rounds", "20", "--clients", "10", "--batch-size", "16", "--dataset-size", "1300", "--noise-multiplier", "1.2", "--delta", "0.5"],
+        "must be below 1/(smallest client's records) = 1/130",
+    ),
+    "client-level delta above 1/clients": (
+        ["--rounds", "20", "--clients", "10", "--clients-per-round", "5", "--batch-size", "16", "--dataset-size", "1300",
+         "--client-noise-multiplier", "1", "--delta", "0.1"],
+        "must be below 1/(number of clients) = 1/10",
+    ),
 }
 
 
@@ -397,17 +407,24 @@ def test_a_client_whose_reply_never_came_still_counts_that_rounds_spend(tmp_path
 
 
 def test_an_unbounded_prv_epsilon_reports_the_rdp_bound_not_null(tmp_path):
-    from shared.summary import summarize
+    from shared.summary import describe_run, summarize
     from shared.store import RunStore
 
     huge = [(0.5, 1.0, 1000)]  # PRV returns inf here (after about a minute), RDP a finite bound
     store = RunStore(tmp_path)
     store.create_run("r", {"dp": True})
     store.update_run("r", delta=1e-5)
-    store.commit_spend("r", 1, [], {"epsilon": float("inf"), "epsilon_rdp": privacy.epsilon(huge, 1e-5, "rdp")})
+    rdp = privacy.epsilon(huge, 1e-5, "rdp")
+    client = {"client": 0, "num_examples": 10, "epsilon": float("inf"), "epsilon_rdp": rdp, "noise_multiplier": 1.0,
+              "sample_rate": 0.5, "steps": 1000}
+    store.commit_spend("r", 1, [client], {"epsilon": float("inf"), "epsilon_rdp": rdp})
     summary = summarize(store, "r")
-    assert summary["epsilon"] == summary["epsilon_rdp"] == privacy.epsilon(huge, 1e-5, "rdp")
+    assert summary["epsilon"] == summary["epsilon_rdp"] == rdp
     assert summary["accountant"] == "rdp" and "RDP bound is reported" in summary["notes"][-1]
+    # show: every epsilon is the RDP bound too, labelled so; none is null (which reads as no DP)
+    shown = describe_run(store, "r")
+    assert shown["privacy"]["accountant"] == "rdp" and shown["privacy"]["epsilon"] == rdp
+    assert shown["rounds"][0]["epsilon"] == shown["rounds"][0]["clients"][0]["epsilon"] == rdp
 
 
 def test_a_reply_claiming_another_clients_id_is_dropped():
@@ -569,6 +586,19 @@ def test_budget_refuses_flags_a_config_decides(kwargs, message, tmp_path):
         plan_budget(config=config, noise_multiplier=1.0, **kwargs)
 
 
+def test_budget_plans_client_level_dp_for_a_config_without_it(tmp_path):
+    from server.budget import plan_budget
+
+    config = tmp_path / "run.toml"
+    config.write_text('dataset = "digits"\nclients = 10\nrounds = 5\n')
+    planned = plan_budget(config=config, clients_per_round=5, client_noise_multiplier=1.0)["client_level"]
+    assert (planned["sample_rate"], planned["steps"]) == (0.5, 5)
+    assert planned["epsilon_prv"] == pytest.approx(privacy.epsilon([(1.0, 0.5, 5)], planned["delta"]))
+    # the flag the user gave is the one named, not one they never typed
+    with pytest.raises(BadInput, match="--clients-per-round plans client-level DP"):
+        plan_budget(config=config, clients_per_round=5)
+
+
 def test_budget_refuses_run_shape_flags_with_a_raw_mechanism():
     result = CliRunner().invoke(app, ["budget", "--sample-rate", "0.1", "--steps", "10", "--delta", "1e-5", "--noise-multiplier", "1", "--rounds", "5"])
     assert result.exit_code == 2 and "--rounds describes a run shape" in result.stderr, result.output
@@ -599,3 +629,50 @@ def test_a_budget_plan_without_noise_says_it_claims_no_epsilon(tmp_path):
     assert "epsilon_prv" not in planned["client_level"] and "no client-level noise given" in planned["client_level"]["note"]
     shape_only = plan_budget(rounds=5, clients=10, batch_size=32, dataset_size=1000)
     assert "no sample-level noise given" in shape_only["sample_level"]["note"]
+
+
+# ------------------------------------------------------------ the loader is the planned mechanism
+
+
+@pytest.mark.parametrize("records, batch", [(372, 4), (396, 4), (50, 1), (431, 32)])
+def test_dp_training_spends_exactly_the_planned_rate_and_steps(records, batch):
+    # int(1/(1/93)) == 92: Opacus's own loader ran one step fewer than 1/q for such q.
+    from clients.training import DPSettings, train_local
+    from shared.models import build_model
+
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(records, 8)).astype(np.float32), rng.integers(0, 3, records)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = train_local(build_model("logreg", 8, 3), x, y, epochs=2, batch_size=batch, learning_rate=0.1,
+                             dp=DPSettings(1.0, 1.0), grad_sample_mode="ew", seed=1)
+    _, rate, steps = planner.planned_spend(records, batch, 2, 1.0)
+    assert (result.sample_rate, result.steps) == (rate, steps) == (1 / -(-records // batch), 2 * -(-records // batch))
+
+
+def test_poisson_loader_draws_in_float64_and_includes_each_record_at_rate_q(monkeypatch):
+    # float32 draws include a record with probability ceil(float32(q) 2^24)/2^24 > q.
+    import torch
+    from torch.utils.data import TensorDataset
+
+    from clients.training import poisson_loader
+
+    dtypes = []
+    real_rand = torch.rand
+
+    def recording_rand(*args, **kwargs):
+        dtypes.append(kwargs.get("dtype"))
+        return real_rand(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "rand", recording_rand)
+    loader = poisson_loader(TensorDataset(torch.arange(2000.0)), 93, torch.Generator().manual_seed(0))
+    assert loader.sample_rate == 1 / 93 and len(loader) == 93
+    counts = np.zeros(2000)
+    batches = 0
+    for _ in range(20):
+        for (xb,) in loader:
+            counts[xb.long().numpy()] += 1
+            batches += 1
+    assert batches == 20 * 93 and set(dtypes) == {torch.float64}
+    trials = 20 * 93 * 2000
+    assert abs(counts.sum() - trials / 93) < 5 * np.sqrt(trials / 93)
