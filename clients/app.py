@@ -275,6 +275,7 @@ def train(msg: Message, context: Context, canaries: CanarySecret | None = None) 
                 "round-noise-multiplier": dp.noise_multiplier,
                 "round-sample-rate": result.sample_rate,
                 "round-steps": result.steps,
+                "ledger-steps": sum(n for *_, n in ledger),
             }
         )
     sent = state_to_numpy(model)

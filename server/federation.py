@@ -33,6 +33,7 @@ from server.strategies import ParticipatingClients, build_strategy
 from shared import planner, privacy
 from shared.config import RunConfig
 from shared.data import prepare
+from shared.errors import BadInput
 from shared.evaluation import evaluate, predict_proba
 from shared.models import initial_model
 from shared.protocol import ARRAYS_KEY, CONFIG_KEY, KEYS_DIR, KEYS_PASSPHRASE_ENV, METRICS_KEY, NUM_EXAMPLES, PARTITION_ID, spec_to_record
@@ -271,6 +272,39 @@ def _plain_number(value: float | None) -> float | str | None:
     return "inf" if value is not None and math.isinf(value) else value
 
 
+def raise_to_kept_ledger(row: dict, kept: list[tuple[float, float, int]], client_ledger_steps: int | None, delta: float) -> bool:
+    """Make ``row``'s epsilon at least what the server's own record of the client's spend gives.
+
+    A client reports epsilon from the ledger in its ``Context.state``. Should that state
+    be lost (a node restarted), it would count from zero again; the rows in ``runs.db``
+    would not. ``kept`` is the client's spend in earlier rounds as stored; this round's,
+    from ``row``, is added. A client whose ledger holds at least as many steps
+    (``client_ledger_steps``, from its reply) is not re-accounted: that keeps the
+    accountant's import and work off the server's round for every honest reply.
+    Returns whether ``row`` was raised.
+    """
+    history = list(kept)
+    if not row["refused"]:
+        history.append((row["noise_multiplier"], row["sample_rate"], row["steps"]))
+    if client_ledger_steps is not None and int(client_ledger_steps) >= sum(steps for *_, steps in history):
+        return False
+    try:
+        floor_rdp = privacy.epsilon(history, delta, "rdp")
+    except BadInput:  # a reply with an impossible rate or noise: nothing to compare with
+        return False
+    if row["epsilon_rdp"] >= floor_rdp * (1 - 1e-9):
+        return False
+    row["epsilon_rdp"] = floor_rdp
+    row["epsilon"] = max(row["epsilon"], privacy.epsilon(history, delta))
+    return True
+
+
+def _add_note(store: RunStore, run_id: str, note: str) -> None:
+    notes = store.get_run(run_id).info.get("notes", [])
+    if note not in notes:
+        store.update_run(run_id, info={"notes": [*notes, note]})
+
+
 def _claims_its_own_id(reply: Message, node_client: dict[int, int]) -> bool:
     claimed = int(_metrics(reply)[PARTITION_ID])
     if node_client.get(reply.metadata.src_node_id) == claimed:
@@ -392,6 +426,7 @@ def _run_rounds(grid: Grid, job: ServerJob, log: AuditLog, exchange_key) -> dict
             raise FederationError(f"round {rnd}: no client returned an update ({reasons})")
 
         spend = []
+        kept_ledgers = store.ledger_with_interrupted(job.run_id) if c.dp else {}
         for reply in good:
             m = _metrics(reply)
             if int(m[PARTITION_ID]) >= c.clients:
@@ -401,6 +436,9 @@ def _run_rounds(grid: Grid, job: ServerJob, log: AuditLog, exchange_key) -> dict
                 row.update(epsilon=float(m["epsilon"]), epsilon_rdp=float(m["epsilon-rdp"]))
                 if not row["refused"]:
                     row.update(noise_multiplier=float(m["round-noise-multiplier"]), sample_rate=float(m["round-sample-rate"]), steps=int(m["round-steps"]))
+                if raise_to_kept_ledger(row, kept_ledgers.get(row["client"], []), m.get("ledger-steps"), job.delta):
+                    _add_note(store, job.run_id, f"round {rnd}: client {row['client']} reported epsilon below the spend the"
+                              " server has on record for it (its own ledger was lost?); the server's figure is used")
                 latest[row["client"]] = (row["epsilon"], row["epsilon_rdp"])
             spend.append(row)
         if c.dp:

@@ -76,6 +76,8 @@ def test_epsilon_is_cumulative_and_matches_a_fresh_accountant(private_run, e2e_d
         assert rnd["epsilon"] == pytest.approx(max(previous.values()))
     assert private_run["epsilon"] == pytest.approx(max(previous.values()))
     assert shown["privacy"]["rounds_trained"] == {"0": [1, 2], "1": [1, 2], "2": [1, 2]}
+    # Every client's own ledger agreed with the server's record: nothing was raised.
+    assert not [n for n in private_run["notes"] if "below the spend the server has on record" in n]
 
 
 def test_same_seed_same_accuracy(nonprivate_run, nonprivate_rerun):

@@ -676,3 +676,22 @@ def test_poisson_loader_draws_in_float64_and_includes_each_record_at_rate_q(monk
     assert batches == 20 * 93 and set(dtypes) == {torch.float64}
     trials = 20 * 93 * 2000
     assert abs(counts.sum() - trials / 93) < 5 * np.sqrt(trials / 93)
+
+
+def test_the_server_raises_a_clients_epsilon_to_the_spend_it_has_on_record():
+    from server.federation import raise_to_kept_ledger
+
+    kept = [(1.0, 0.1, 10), (1.0, 0.1, 10)]  # two earlier rounds, as stored in runs.db
+    this_round = {"refused": 0, "noise_multiplier": 1.0, "sample_rate": 0.1, "steps": 10}
+    full = kept + [(1.0, 0.1, 10)]
+    honest = {**this_round, "epsilon": privacy.epsilon(full, 1e-5), "epsilon_rdp": privacy.epsilon(full, 1e-5, "rdp")}
+    assert not raise_to_kept_ledger(dict(honest), kept, 30, 1e-5)
+    assert not raise_to_kept_ledger(dict(honest), kept, None, 1e-5)  # no step count: checked by RDP, and fine
+    # A client whose Context.state was lost counts from zero: one round's epsilon.
+    one = [(1.0, 0.1, 10)]
+    forgetful = {**this_round, "epsilon": privacy.epsilon(one, 1e-5), "epsilon_rdp": privacy.epsilon(one, 1e-5, "rdp")}
+    assert raise_to_kept_ledger(forgetful, kept, 10, 1e-5)
+    assert forgetful["epsilon"] == honest["epsilon"] and forgetful["epsilon_rdp"] == honest["epsilon_rdp"]
+    # A refusal adds nothing this round; the earlier spend still stands.
+    refused = {"refused": 1, "epsilon": 0.0, "epsilon_rdp": 0.0}
+    assert raise_to_kept_ledger(refused, kept, None, 1e-5) and refused["epsilon"] == privacy.epsilon(kept, 1e-5)
