@@ -489,6 +489,35 @@ def mia_epsilon_lower_bound(
     }
 
 
+def max_mia_auc(epsilon: float, delta: float) -> float:
+    """The highest ROC AUC any membership test can reach against an (epsilon, delta)-DP model.
+
+    (epsilon, delta)-DP caps the true-positive rate at
+    ``min(e^eps FPR + delta, 1 - e^-eps (1 - delta - FPR))`` (Kairouz, Oh and Viswanath
+    2015); integrating that curve over FPR gives ``1 - (1 - delta)^2 / (1 + e^eps)``.
+    A measured AUC above this, beyond sampling error, means the DP claim is false.
+
+    Parameters
+    ----------
+    epsilon : float
+        The epsilon of the guarantee, >= 0 (``inf``: no guarantee, the ceiling is 1).
+    delta : float
+        The delta of the guarantee, in [0, 1).
+
+    Returns
+    -------
+    float
+        The ceiling, in [0.5, 1].
+    """
+    if not (isinstance(epsilon, (int, float, np.floating)) and epsilon >= 0):
+        raise BadInput(f"epsilon must be a number >= 0, got {epsilon!r}")
+    delta = _check_delta(delta)
+    if math.isinf(epsilon):
+        return 1.0
+    # 1 / (1 + e^eps) as e^-eps / (1 + e^-eps): no overflow for large epsilon
+    return 1.0 - (1.0 - delta) ** 2 * float(special.expit(-epsilon))
+
+
 # ---------------------------------------------------------------------------
 # Gaussian one-shot estimate (Andrew et al. 2023)
 # ---------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from audit.empirical import (
     gaussian_epsilon,
     gaussian_epsilon_from_cosines,
     gaussian_mechanism_delta,
+    max_mia_auc,
     mia_epsilon_lower_bound,
     mia_metrics,
     one_run_audit,
@@ -248,3 +249,21 @@ def test_gaussian_mechanism_delta_checks_its_inputs(eps, mu):
 
     with pytest.raises(BadInput, match="must be a finite number >= 0"):
         gaussian_mechanism_delta(eps, mu)
+
+
+@pytest.mark.parametrize("eps, delta", [(0.0, 0.0), (1.0, 0.0), (1.0, 1e-5), (3.0, 0.1), (8.0, 1e-5)])
+def test_max_mia_auc_is_the_area_under_the_dp_tradeoff_curve(eps, delta):
+    fpr = np.linspace(0.0, 1.0, 200_001)
+    tpr = np.minimum(np.minimum(math.exp(eps) * fpr + delta, 1.0), 1.0 - math.exp(-eps) * (1.0 - delta - fpr))
+    assert max_mia_auc(eps, delta) == pytest.approx(np.trapezoid(tpr, fpr), abs=1e-6)
+
+
+def test_max_mia_auc_values_and_the_gaussian_mechanism_stays_under_it():
+    assert max_mia_auc(0.0, 0.0) == 0.5 and max_mia_auc(float("inf"), 0.0) == 1.0
+    assert max_mia_auc(1.0, 0.0) == pytest.approx(1.0 - 1.0 / (1.0 + math.e))  # 0.7311
+    # mu-GDP's best test has AUC Phi(mu / sqrt 2); it is (eps, delta(eps))-DP for every eps
+    for eps in (0.5, 1.0, 2.0, 4.0):
+        assert stats.norm.cdf(1.0 / math.sqrt(2.0)) <= max_mia_auc(eps, gaussian_mechanism_delta(eps, 1.0))
+    for eps, delta in ((-0.1, 0.0), (float("nan"), 0.0), (1.0, 1.0), (1.0, -1e-9)):
+        with pytest.raises(BadInput, match="epsilon|delta"):
+            max_mia_auc(eps, delta)
