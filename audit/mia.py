@@ -39,8 +39,8 @@ Clopper-Pearson bounds. Reporting the best of several attacks is a multiple test
 attack's bound is computed at ``alpha / n_attacks`` (Bonferroni): the reported maximum
 then holds at 95% confidence overall.
 
-``audit`` only imports the pure training function of ``clients.training``; no federation
-is started.
+The reference models train with the clients' own function, :func:`shared.training.train_local`,
+so the attack sees the same DP-SGD the federation ran; no federation is started.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ import torch
 from torch import nn
 
 from audit.empirical import mia_epsilon_lower_bound, mia_metrics
-from clients.training import GRAD_SAMPLE_MODE, DPSettings, derived_seed, train_local
+from shared.training import GRAD_SAMPLE_MODE, DPSettings, derived_seed, train_local
 from shared.data import client_data
 from shared.errors import BadInput
 from shared.models import build_model
@@ -117,7 +117,7 @@ def _flat(model: nn.Module) -> list[torch.Tensor]:
 def train_federated(recipe: Recipe, x: np.ndarray, y: np.ndarray, seed: int = 0) -> nn.Module:
     """Simulate the run's federated recipe in-process (FedAvg over an IID partition).
 
-    Each round the sampled clients run :func:`clients.training.train_local` from the
+    Each round the sampled clients run :func:`shared.training.train_local` from the
     global model; the server averages the updates weighted by example count, or, with
     client-level DP, clips each update to ``client_clip``, adds N(0, (z C)^2) to the sum
     and divides by ``q N`` (as ``server.client_dp`` does). FedProx keeps its proximal

@@ -4,7 +4,7 @@
 
 The private run draws fresh DP noise every time, so its accuracy is a random variable.
 This replays the demo's private training in-process (the same data, model, seeded
-initialisation, FedAvg over every client, and DP-SGD through ``clients.training``) with
+initialisation, FedAvg over every client, and DP-SGD through ``shared.training``) with
 fresh noise per replica, and prints the mean, standard deviation and lowest accuracy on
 the server's test split next to the demo's floor. ``--set`` changes settings, so the
 defaults can be compared with alternatives; epsilon is printed for each.

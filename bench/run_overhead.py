@@ -37,7 +37,7 @@ import warnings
 
 import torch
 
-from clients.training import GRAD_SAMPLE_MODE, DPSettings, train_local
+from shared.training import GRAD_SAMPLE_MODE, DPSettings, train_local
 from clients.app import app_for_job
 from server.runner import prepare_run, run_simulation_job
 from shared.config import resolve

@@ -21,7 +21,7 @@ import torch  # noqa: E402
 
 from clients.attacks import corrupt_update, flip_labels  # noqa: E402
 from clients.encryption import encryption_mod, message_category  # noqa: E402
-from clients.training import GRAD_SAMPLE_MODE, DPSettings, derived_seed, train_local  # noqa: E402
+from shared.training import GRAD_SAMPLE_MODE, DPSettings, derived_seed, train_local  # noqa: E402
 from shared import privacy  # noqa: E402
 from shared.canaries import CanarySecret, canary_direction, load_secret  # noqa: E402
 from shared.evaluation import evaluate  # noqa: E402

@@ -96,7 +96,7 @@ def test_local_training_hides_the_canaries_in_its_rate_steps_size_and_loss():
     """Canaries appended after the public records change none of what a client reports."""
     import torch
 
-    from clients.training import DPSettings, train_local
+    from shared.training import DPSettings, train_local
     from shared.models import build_model
 
     rng = np.random.default_rng(0)

@@ -233,7 +233,7 @@ def test_run_client_target_epsilon_calibrates_z():
 def _private_weights(seed):
     import torch
 
-    from clients.training import GRAD_SAMPLE_MODE, DPSettings, train_local
+    from shared.training import GRAD_SAMPLE_MODE, DPSettings, train_local
     from shared.models import build_model
 
     rng = np.random.default_rng(0)
@@ -297,7 +297,7 @@ def test_fedprox_proximal_term_acts_under_dp():
     # Opacus rebuilds p.grad from per-sample gradients; the proximal pull must survive it.
     import torch
 
-    from clients.training import GRAD_SAMPLE_MODE, DPSettings, train_local
+    from shared.training import GRAD_SAMPLE_MODE, DPSettings, train_local
     from shared.models import build_model
 
     rng = np.random.default_rng(1)
@@ -637,7 +637,7 @@ def test_a_budget_plan_without_noise_says_it_claims_no_epsilon(tmp_path):
 @pytest.mark.parametrize("records, batch", [(372, 4), (396, 4), (50, 1), (431, 32)])
 def test_dp_training_spends_exactly_the_planned_rate_and_steps(records, batch):
     # int(1/(1/93)) == 92: Opacus's own loader ran one step fewer than 1/q for such q.
-    from clients.training import DPSettings, train_local
+    from shared.training import DPSettings, train_local
     from shared.models import build_model
 
     rng = np.random.default_rng(3)
@@ -655,7 +655,7 @@ def test_poisson_loader_draws_in_float64_and_includes_each_record_at_rate_q(monk
     import torch
     from torch.utils.data import TensorDataset
 
-    from clients.training import poisson_loader
+    from shared.training import poisson_loader
 
     dtypes = []
     real_rand = torch.rand
