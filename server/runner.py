@@ -182,7 +182,7 @@ def prepare_resume(run_id: str, runs_dir: str | Path | None, ray_address: str | 
     keys_env = record.info.get("keys_passphrase_env")
     check_keys(record.info["keys_dir"], config.nodes, keys_env)  # before the run is touched
     store.set_aside_interrupted(run_id, last)
-    store.update_run(run_id, status="running", error=None, finished_at=None, info={"owner": this_process()})
+    store.start_another_attempt(run_id, this_process())
     notes = [f"resuming run {run_id} after round {last}"]
     return ServerJob(
         run_id=run_id, config=config, delta=record.delta, runs_dir=str(store.root), model_name=record.info["model"], resume_from=last, resuming=True, notes=notes,

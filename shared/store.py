@@ -182,7 +182,11 @@ class RunRecord:
 
     @property
     def wall_time(self) -> float | None:
-        return None if self.finished_at is None else self.finished_at - self.created_at
+        """Seconds the run was running: a resumed run leaves out the time it lay stopped."""
+        if self.finished_at is None:
+            return None
+        this_attempt = self.finished_at - self.info.get("attempt_started", self.created_at)
+        return self.info.get("earlier_attempts_seconds", 0.0) + this_attempt
 
     @property
     def shown_status(self) -> str:
@@ -262,6 +266,23 @@ class RunStore:
         if status not in STATUSES:
             raise ValueError(status)
         self.update_run(run_id, status=status, error=error, finished_at=time.time())
+
+    def start_another_attempt(self, run_id: str, owner: dict) -> None:
+        """Mark a stopped run running again, keeping the seconds its earlier attempts ran.
+
+        An attempt that was killed never recorded its end, so it counts up to its last
+        recorded round (``last_active``); the time the run lay stopped is not counted.
+        """
+        record = self.get_run(run_id)
+        started = record.info.get("attempt_started", record.created_at)
+        ended = record.finished_at if record.finished_at is not None else record.info.get("last_active", started)
+        earlier = record.info.get("earlier_attempts_seconds", 0.0) + max(0.0, ended - started)
+        self.update_run(run_id, status="running", error=None, finished_at=None,
+                        info={"owner": owner, "attempt_started": time.time(), "earlier_attempts_seconds": earlier})
+
+    @staticmethod
+    def _mark_active(conn: sqlite3.Connection, run_id: str) -> None:
+        conn.execute("UPDATE runs SET info = json_set(info, '$.last_active', ?) WHERE run_id = ?", (time.time(), run_id))
 
     def get_run(self, run_id: str) -> RunRecord:
         if not self.db_path.exists():
@@ -346,6 +367,7 @@ class RunStore:
                 + ", ".join(f"{k} = excluded.{k}" for k in keys),
                 (run_id, round_, sum(1 for c in clients if not c.get("refused")), *(epsilons.get(k) for k in keys)),
             )
+            self._mark_active(conn, run_id)
 
     def last_checkpointed_round(self, run_id: str) -> int:
         with self.connect() as conn:
@@ -440,6 +462,7 @@ class RunStore:
                 f"ON CONFLICT(run_id, round) DO UPDATE SET {', '.join(f'{c} = excluded.{c}' for c in columns)}",
                 (run_id, round_, *values),
             )
+            self._mark_active(conn, run_id)
             for c in client_eval:
                 conn.execute(
                     "INSERT INTO client_rounds (run_id, round, client, val_accuracy, val_loss) VALUES (?, ?, ?, ?, ?) "

@@ -15,6 +15,7 @@ import pytest
 from opacus.accountants import PRVAccountant, RDPAccountant
 from scipy import stats
 
+from shared.store import RunStore
 from tests.conftest import ROOT, run_json
 
 pytestmark = pytest.mark.simulation
@@ -152,6 +153,8 @@ def test_sigkill_mid_round_then_resume(tmp_path):
     resumed = run_json("run", "--resume", run_id, runs_dir=runs)
     assert resumed["status"] == "completed" and resumed["rounds"] == 6
     assert resumed["epsilon"] >= before  # the ledger never goes down
+    record = RunStore(runs).get_run(run_id)
+    assert 0 < record.wall_time < record.finished_at - record.created_at  # the stopped time is left out
 
     fresh = run_json(*CRASH, runs_dir=runs)
     assert fresh["accuracy"] == resumed["accuracy"]
@@ -164,7 +167,7 @@ def test_sigkill_mid_round_then_resume(tmp_path):
 
 
 def test_a_running_run_is_shown_interrupted_only_once_its_process_is_known_to_be_gone(tmp_path):
-    from shared.store import RunStore, this_process
+    from shared.store import this_process
 
     store = RunStore(tmp_path)
     child = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -185,6 +188,37 @@ def test_a_running_run_is_shown_interrupted_only_once_its_process_is_known_to_be
     assert "fedaudit run --resume exited" in store.get_run("exited").shown_error
     store.finish_run("exited", "failed", "boom")
     assert store.get_run("exited").shown_status == "failed" and store.get_run("exited").shown_error == "boom"
+
+
+def test_wall_time_leaves_out_the_time_a_resumed_run_lay_stopped(tmp_path, monkeypatch):
+    import shared.store as store_module
+    from shared.store import this_process
+
+    clock = {"now": 1000.0}
+    monkeypatch.setattr(store_module.time, "time", lambda: clock["now"])
+    store = RunStore(tmp_path)
+
+    def at(seconds, action, *args):
+        clock["now"] = seconds
+        action(*args)
+
+    at(1000.0, store.create_run, "r", {})
+    at(1010.0, store.record_round, "r", 1, {"accuracy": 0.5}, [])
+    at(1015.0, store.commit_spend, "r", 2, [], {})  # killed after committing round 2's spend
+    at(5000.0, store.start_another_attempt, "r", this_process())  # resumed an hour later
+    at(5030.0, store.record_round, "r", 2, {"accuracy": 0.6}, [])
+    at(5040.0, store.finish_run, "r", "failed", "Ctrl-C")  # stopped cleanly this time
+    at(9000.0, store.start_another_attempt, "r", this_process())
+    at(9005.0, store.finish_run, "r", "completed")
+    assert store.get_run("r").wall_time == pytest.approx(15 + 40 + 5)
+
+    at(100.0, store.create_run, "dead-at-once", {})  # killed before it recorded anything
+    at(200.0, store.start_another_attempt, "dead-at-once", this_process())
+    at(230.0, store.finish_run, "dead-at-once", "completed")
+    assert store.get_run("dead-at-once").wall_time == pytest.approx(30)
+    at(300.0, store.create_run, "plain", {})
+    at(312.5, store.finish_run, "plain", "completed")
+    assert store.get_run("plain").wall_time == pytest.approx(12.5)
 
 
 def test_sigterm_stops_a_simulation_run_after_its_round_and_records_it_failed(tmp_path):
@@ -227,7 +261,6 @@ def test_resuming_a_run_killed_in_round_one_counts_that_round(tmp_path):
     from shared import privacy
     from shared.config import RunConfig
     from shared.crypto import init_keys
-    from shared.store import RunStore
 
     runs = tmp_path / "runs"
     store = RunStore(runs)
