@@ -55,10 +55,10 @@ import torch
 from torch import nn
 
 from audit.empirical import mia_epsilon_lower_bound, mia_metrics
-from shared.training import GRAD_SAMPLE_MODE, DPSettings, derived_seed, train_local
 from shared.data import client_data
 from shared.errors import BadInput
 from shared.models import build_model
+from shared.training import GRAD_SAMPLE_MODE, DPSettings, derived_seed, train_local
 
 if TYPE_CHECKING:
     from audit.report import StoredRun

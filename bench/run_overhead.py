@@ -37,7 +37,6 @@ import warnings
 
 import torch
 
-from shared.training import GRAD_SAMPLE_MODE, DPSettings, train_local
 from clients.app import app_for_job
 from server.runner import prepare_run, run_simulation_job
 from shared.config import resolve
@@ -45,6 +44,7 @@ from shared.data import client_data, prepare
 from shared.evaluation import evaluate
 from shared.models import build_model
 from shared.store import RunStore
+from shared.training import GRAD_SAMPLE_MODE, DPSettings, train_local
 from shared.weights import load_numpy, state_to_numpy
 
 

@@ -21,7 +21,6 @@ import torch  # noqa: E402
 
 from clients.attacks import corrupt_update, flip_labels  # noqa: E402
 from clients.encryption import encryption_mod, message_category  # noqa: E402
-from shared.training import GRAD_SAMPLE_MODE, DPSettings, derived_seed, train_local  # noqa: E402
 from shared import privacy  # noqa: E402
 from shared.canaries import CanarySecret, canary_direction, load_secret  # noqa: E402
 from shared.evaluation import evaluate  # noqa: E402
@@ -29,6 +28,7 @@ from shared.data import ClientData, DataMeta, client_data, label_histogram, loca
 from shared.models import build_model  # noqa: E402
 from shared.planner import planned_spend  # noqa: E402
 from shared.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NODE_DATA_DIR, NUM_EXAMPLES, PARTITION_ID, spec_from_record  # noqa: E402
+from shared.training import GRAD_SAMPLE_MODE, DPSettings, derived_seed, train_local  # noqa: E402
 from shared.weights import load_numpy, state_to_numpy  # noqa: E402
 
 LEDGER_KEY = "privacy-ledger"
