@@ -181,12 +181,20 @@ class RunRecord:
     info: dict
 
     @property
+    def attempt_started(self) -> float:
+        """When the current attempt (the first run, or the latest --resume) started."""
+        return self.info.get("attempt_started", self.created_at)
+
+    @property
+    def earlier_attempts_seconds(self) -> float:
+        return self.info.get("earlier_attempts_seconds", 0.0)
+
+    @property
     def wall_time(self) -> float | None:
         """Seconds the run was running: a resumed run leaves out the time it lay stopped."""
         if self.finished_at is None:
             return None
-        this_attempt = self.finished_at - self.info.get("attempt_started", self.created_at)
-        return self.info.get("earlier_attempts_seconds", 0.0) + this_attempt
+        return self.earlier_attempts_seconds + self.finished_at - self.attempt_started
 
     @property
     def shown_status(self) -> str:
@@ -274,9 +282,8 @@ class RunStore:
         recorded round (``last_active``); the time the run lay stopped is not counted.
         """
         record = self.get_run(run_id)
-        started = record.info.get("attempt_started", record.created_at)
-        ended = record.finished_at if record.finished_at is not None else record.info.get("last_active", started)
-        earlier = record.info.get("earlier_attempts_seconds", 0.0) + max(0.0, ended - started)
+        ended = record.finished_at if record.finished_at is not None else record.info.get("last_active", record.attempt_started)
+        earlier = record.earlier_attempts_seconds + max(0.0, ended - record.attempt_started)
         self.update_run(run_id, status="running", error=None, finished_at=None,
                         info={"owner": owner, "attempt_started": time.time(), "earlier_attempts_seconds": earlier})
 
