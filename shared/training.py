@@ -15,8 +15,9 @@ from shared.planner import batches_per_epoch
 
 OPTIMIZERS = ("sgd", "adam")
 
-# Fastest correct Opacus per-sample-gradient mode per built-in model, measured by
-# `python -m bench.dp_step` (expanded weights beat hooks, functorch and ghost on all three).
+# Fastest correct Opacus per-sample-gradient mode per built-in model, with the fused
+# optimizer (shared/dp_optimizer.py), measured by `python -m bench.dp_step` (rows
+# "ew+fused": expanded weights beat hooks, functorch and ghost on all three).
 GRAD_SAMPLE_MODE = {"logreg": "ew", "mlp": "ew", "cnn": "ew"}
 
 
@@ -154,8 +155,11 @@ def train_local(
     else:
         from opacus import PrivacyEngine
 
+        from shared.dp_optimizer import FusedDPOptimizer
+
         # Our own Poisson loader, so that q comes from the public record count.
-        loader = poisson_loader(dataset, batches_per_epoch(public, batch_size), generator)
+        num_batches = batches_per_epoch(public, batch_size)
+        loader = poisson_loader(dataset, num_batches, generator)
 
         # The engine's own accountant is unused: the client's ledger in Context.state
         # is the single source of truth, and it spans every round.
@@ -170,9 +174,15 @@ def train_local(
                 max_grad_norm=dp.max_grad_norm,
                 # The loader above already samples each record with probability q.
                 poisson_sampling=False,
+                # Per-sample gradients of the summed loss; the optimizer takes the mean.
+                loss_reduction="sum",
                 grad_sample_mode=grad_sample_mode,
                 noise_generator=generator,
             )
+        # The same mechanism in fewer operations (shared/dp_optimizer.py). Its mean
+        # divides by the expected batch size of the public records, n q: Opacus's
+        # int(len(dataset) q) would move with the number of canaries included.
+        opt = FusedDPOptimizer.replacing(opt, expected_batch_size=public / num_batches, generator=generator)
         sample_rate = float(loader.sample_rate)
 
     train_model.train()
@@ -191,7 +201,7 @@ def train_local(
                 steps += 1
                 continue
             per_record = criterion(train_model(xb), yb)
-            loss = per_record.mean()
+            loss = per_record.mean() if dp is None else per_record.sum()
             if anchor is not None and dp is None:
                 loss = loss + proximal_mu / 2 * _proximal_term(model, anchor)
             loss.backward()
