@@ -77,6 +77,11 @@ from pathlib import Path
 
 MODELS = ("logreg", "mlp", "cnn")
 OPACUS_MODES = ("hooks", "functorch", "ew", "ghost")
+# "<mode>+fused": that Opacus grad_sample_mode with shared.dp_optimizer.FusedDPOptimizer,
+# the optimizer fedaudit trains with, instead of Opacus's DPOptimizer (ghost has its own).
+FUSED = "+fused"
+FUSED_MODES = tuple(m + FUSED for m in ("hooks", "functorch", "ew"))
+CANDIDATE_MODES = OPACUS_MODES + FUSED_MODES
 REFERENCE_MODE = "func-vmap"  # not an Opacus mode; never recommended
 TARGET_RATIO = 2.5
 
@@ -236,11 +241,15 @@ def _make_step(name: str, mode: str | None, batch: int, seed: int, noise: float,
 
     from opacus import PrivacyEngine
 
+    fused = mode.endswith(FUSED)
+    mode = mode.removesuffix(FUSED)
     # The loader only fixes the sampling rate and expected batch size (= batch exactly,
     # because the dataset length is a multiple of batch); the timed loop uses fixed batches.
     n = (len(X) // batch) * batch
     loader = DataLoader(TensorDataset(X[:n], y[:n]), batch_size=batch)
     engine = PrivacyEngine(accountant="prv")
+    if fused:  # as shared.training does: per-sample gradients of the summed loss
+        crit = torch.nn.CrossEntropyLoss(reduction="sum")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         out = engine.make_private(
@@ -252,12 +261,17 @@ def _make_step(name: str, mode: str | None, batch: int, seed: int, noise: float,
             max_grad_norm=clip,
             grad_sample_mode=mode,
             poisson_sampling=True,
+            loss_reduction="sum" if fused else "mean",
         )
     if mode == "ghost":
         dp_model, dp_opt, dp_crit, _ = out  # ghost: MUST use the returned criterion
     else:
         dp_model, dp_opt, _ = out
         dp_crit = crit
+    if fused:
+        from shared.dp_optimizer import FusedDPOptimizer
+
+        dp_opt = FusedDPOptimizer.replacing(dp_opt, expected_batch_size=dp_opt.expected_batch_size, generator=None)
     if dp_opt.expected_batch_size != batch:
         raise RuntimeError(f"expected_batch_size {dp_opt.expected_batch_size} != {batch}")
 
@@ -498,33 +512,34 @@ def _run_worker(spec: dict, thp: bool = False, malloc: bool = False) -> dict:
 
 
 HEADER = (
-    f"{'env':<16} {'model':<7} {'mode':<10} {'batch':>5} {'np ms':>9} {'DP ms':>9}"
+    f"{'env':<16} {'model':<7} {'mode':<15} {'batch':>5} {'np ms':>9} {'DP ms':>9}"
     f" {'ratio':>6} {'paired':>7} {'np pf':>6} {'DP pf':>6}"
 )
 
 
 def _fmt_row(r: dict, label: str) -> str:
     if "error" in r:
-        return f"{label:<16} {r['model']:<7} {r['mode']:<10} {r['batch']:>5}   error: {r['error'][:70]}"
+        return f"{label:<16} {r['model']:<7} {r['mode']:<15} {r['batch']:>5}   error: {r['error'][:70]}"
     flag = " *" if r["ratio"] <= TARGET_RATIO else ""
     return (
-        f"{label:<16} {r['model']:<7} {r['mode']:<10} {r['batch']:>5} {r['np_ms']:>9.3f} {r['dp_ms']:>9.3f}"
+        f"{label:<16} {r['model']:<7} {r['mode']:<15} {r['batch']:>5} {r['np_ms']:>9.3f} {r['dp_ms']:>9.3f}"
         f" {r['ratio']:>6.2f} {r['paired_ratio']:>7.2f} {r['np_faults']:>6.0f} {r['dp_faults']:>6.0f}{flag}"
     )
 
 
 def _sorted_rows(rows, modes):
-    order = list(modes) + [m for m in OPACUS_MODES + (REFERENCE_MODE,) if m not in modes]
+    order = list(modes) + [m for m in CANDIDATE_MODES + (REFERENCE_MODE,) if m not in modes]
     return sorted(rows, key=lambda r: (MODELS.index(r["model"]), r["batch"], order.index(r["mode"])))
 
 
 def choose_modes(rows: list[dict], ok_modes: dict[str, list[str]]) -> dict[str, tuple[str, float]]:
-    """Per model: correct Opacus mode with the lowest mean ratio over the measured batches."""
+    """Per model: correct Opacus mode (stock or fused optimizer) with the lowest mean ratio
+    over the measured batches."""
     chosen = {}
     for m in MODELS:
         opts = {}
         for md in ok_modes.get(m, []):
-            if md not in OPACUS_MODES:
+            if md not in CANDIDATE_MODES:
                 continue
             rs = [r["ratio"] for r in rows if r["model"] == m and r["mode"] == md and "error" not in r]
             if rs:
@@ -550,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.time()
     rounds = 9 if args.quick else 21
     common = {"block_s": 0.012, "max_s": 0.6 if args.quick else 1.2}
-    modes = list(OPACUS_MODES) + ([] if args.no_reference else [REFERENCE_MODE])
+    modes = list(CANDIDATE_MODES) + ([] if args.no_reference else [REFERENCE_MODE])
     try:
         load = "%.2f %.2f %.2f" % os.getloadavg()
     except OSError:
@@ -566,7 +581,7 @@ def main(argv: list[str] | None = None) -> int:
     # 2. Environment variants at batch 32. Default threads (2 here) only for the two
     #    cheapest Opacus modes: under load its absolute times are ~100x worse.
     variants = [
-        ("threads=default", {"threads": 0, "modes": ["hooks", "ew"]}, False),
+        ("threads=default", {"threads": 0, "modes": ["hooks", "ew", "ew" + FUSED]}, False),
         ("threads=1+THP", {"threads": 1, "modes": modes}, True),
     ]
     var_res = {}
@@ -578,7 +593,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # 3. Larger batches (threads=1) for hooks, ew and ghost: plain / THP / glibc-malloc env.
     scale_batches = [256] if args.quick else [128, 256, 512]
-    scale_modes = [md for md in ("hooks", "ew", "ghost") if any(md in v for v in ok_modes.values())]
+    scale_modes = [md for md in ("hooks", "ew", "ew" + FUSED, "ghost") if any(md in v for v in ok_modes.values())]
     scale_res = {}
     for label, thp, malloc in [("threads=1", False, False), ("threads=1+THP", True, False),
                                ("threads=1+malloc", False, True)]:
@@ -606,7 +621,7 @@ def main(argv: list[str] | None = None) -> int:
         print()
         for r in _sorted_rows(res["rows"], modes):
             print(_fmt_row(r, label))
-    print("\nLarger batches (hooks, ew, ghost); malloc = " + " ".join(f"{k}={v}" for k, v in MALLOC_ENV.items()) + ":")
+    print("\nLarger batches (hooks, ew, ew+fused, ghost); malloc = " + " ".join(f"{k}={v}" for k, v in MALLOC_ENV.items()) + ":")
     print(HEADER)
     for label, res in scale_res.items():
         for r in _sorted_rows(res["rows"], modes):
@@ -616,11 +631,11 @@ def main(argv: list[str] | None = None) -> int:
     print("Where the time goes (threads=1, batch 32; medians of separately timed phases in ms;")
     print("fwd+bwd includes zero_grad and the per-sample-gradient hooks; opt = optimizer.step(), which for DP")
     print("is clip + noise + scale + accountant hook; ops = aten ops dispatched per step, torch profiler):")
-    print(f"  {'model':<7} {'mode':<10} {'np fwd+bwd':>10} {'np opt':>7} {'DP fwd+bwd':>10} {'DP opt':>7}"
+    print(f"  {'model':<7} {'mode':<15} {'np fwd+bwd':>10} {'np opt':>7} {'DP fwd+bwd':>10} {'DP opt':>7}"
           f" {'np ops':>7} {'DP ops':>7} {'ops ratio':>9} {'time ratio':>10}")
     for r in _sorted_rows(main_res["rows"], modes):
         if r["batch"] == 32 and "dp_fb_ms" in r:
-            print(f"  {r['model']:<7} {r['mode']:<10} {r['np_fb_ms']:>10.3f} {r['np_opt_ms']:>7.3f}"
+            print(f"  {r['model']:<7} {r['mode']:<15} {r['np_fb_ms']:>10.3f} {r['np_opt_ms']:>7.3f}"
                   f" {r['dp_fb_ms']:>10.3f} {r['dp_opt_ms']:>7.3f} {r.get('np_ops', 0):>7.0f} {r.get('dp_ops', 0):>7.0f}"
                   f" {r.get('dp_ops', 0) / max(r.get('np_ops', 1), 1):>9.2f} {r['ratio']:>10.2f}")
 
@@ -645,7 +660,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {lbl:<26} np time x{np_rel:6.2f}  DP time x{dp_rel:6.2f}"
               f"  DP page faults/step {pf:7.1f} (plain {pf0:7.1f})")
 
-    print("\nFastest correct Opacus grad_sample_mode per model (threads=1, mean ratio over batch 32 and 64):")
+    print("\nFastest correct Opacus grad_sample_mode per model, with Opacus's DPOptimizer or fedaudit's")
+    print("FusedDPOptimizer (+fused; what training uses) (threads=1, mean ratio over batch 32 and 64):")
     for m in MODELS:
         if m not in chosen:
             print(f"  {m:<7} no correct Opacus mode")
@@ -653,7 +669,7 @@ def main(argv: list[str] | None = None) -> int:
         best, opts = chosen[m]
         others = ", ".join(f"{k} {v:.2f}" for k, v in sorted(opts.items(), key=lambda kv: kv[1]))
         verdict = "meets" if opts[best] <= TARGET_RATIO else "MISSES"
-        print(f"  {m:<7} -> {best:<6} ({others})  {verdict} the {TARGET_RATIO}x target")
+        print(f"  {m:<7} -> {best:<9} ({others})  {verdict} the {TARGET_RATIO}x target")
     measured = {m: c[0] for m, c in chosen.items()}
     print(f"\nmeasured fastest modes = {json.dumps(measured)}")
     print(f"recorded fastest_modes() = {json.dumps(FASTEST_MODES)}"
