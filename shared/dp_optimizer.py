@@ -24,9 +24,9 @@ reduction. Taking them from the summed loss (``loss_reduction="sum"`` in
 parameter; the update is the same.
 
 Per parameter, this is one norm and one ``addmv``; the noise is one draw for all of
-them, and the division by the batch size is folded into the clip factor and the noise. Steps this fast path
-does not cover are handed to Opacus's own code unchanged: secure-mode noise, gradient
-accumulation and skipped steps.
+them, and the division by the batch size is folded into the clip factor and the noise.
+Steps this fast path does not cover are handed to Opacus's own code unchanged:
+secure-mode noise, gradient accumulation, skipped steps and mixed parameter dtypes.
 """
 
 from __future__ import annotations
