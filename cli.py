@@ -382,7 +382,7 @@ def show(
     if report["error"]:
         out.print(f"error: {report['error']}")
     cfg = Table(title="config (settings that acted in this run)", show_header=False, title_justify="left")
-    for k, v in settings_in_use(report["config"], report["delta"]).items():
+    for k, v in settings_in_use(report["config"], report["delta"], report["model"]).items():
         cfg.add_row(k, _fmt(v))
     out.print(cfg)
     if report.get("privacy"):

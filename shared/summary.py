@@ -112,9 +112,9 @@ _ACTS_ONLY_WHEN = {
 }
 
 
-def settings_in_use(config: dict, delta: float | None) -> dict:
+def settings_in_use(config: dict, delta: float | None, model: str | None = None) -> dict:
     """A stored run's config as it acted (``fedaudit show``'s table): defaults filled
-    in (the dataset, the delta chosen from the data) and settings that did nothing in
+    in (the dataset, the delta chosen from the data, the model picked by the dataset) and settings that did nothing in
     this run, such as the synthetic generator's sizes on digits, left out. The full
     resolved config stays in the run store and in ``show --json``."""
     shown = {}
@@ -125,6 +125,8 @@ def settings_in_use(config: dict, delta: float | None) -> dict:
             value = RunConfig.from_stored(config).dataset_name
         elif key == "delta" and value is None:
             value = delta
+        elif key == "model" and value is None:
+            value = model
         shown[key] = value
     return shown
 
@@ -143,6 +145,7 @@ def describe_run(store: RunStore, run_id: str) -> dict:
         "error": record.shown_error,
         "config": record.config,
         "delta": record.delta,
+        "model": record.info.get("model"),
         "wall_time": record.wall_time,
         "clients": store.get_clients(run_id),
         "rounds": [

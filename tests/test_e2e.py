@@ -113,6 +113,7 @@ def test_show_table_lists_the_settings_that_acted(private_run, e2e_dir):
     text = run_cli("show", private_run["run_id"], runs_dir=e2e_dir).stdout
     rows = {line.split("│")[1].strip(): line.split("│")[2].strip() for line in text.splitlines() if line.count("│") == 3}
     assert rows["dataset"] == "digits" and rows["delta"] == "1e-05" and rows["noise-multiplier"] != "-"
+    assert rows["model"] == "logreg" == run_json("show", private_run["run_id"], runs_dir=e2e_dir)["model"]
     assert not {"samples", "features", "classes", "proximal-mu", "server-lr", "client-clip", "attack", "data"} & set(rows)
 
 
@@ -127,3 +128,6 @@ def test_settings_in_use_keeps_what_each_choice_switches_on():
     from_file = settings_in_use(RunConfig(data="x.csv", label="y").to_dict(), 1e-4)
     assert from_file["data"] == "x.csv" and from_file["label"] == "y" and "dataset" not in from_file
     assert from_file["delta"] == 1e-4
+    picked = settings_in_use(RunConfig(dataset="digits").to_dict(), 1e-5, "logreg")
+    assert picked["model"] == "logreg"  # the dataset's choice, not "-"
+    assert settings_in_use(RunConfig(dataset="digits", model="cnn").to_dict(), 1e-5, "cnn")["model"] == "cnn"
