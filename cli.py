@@ -836,6 +836,9 @@ def sweep_command(
     rounds_task = progress.add_task("rounds", total=base.rounds, status="")
 
     def on_run_start(i: int, point, job) -> None:
+        # Shown from the first run on: run_sweep checks every point first, and bad input
+        # found there must stay the one line on stderr.
+        progress.start()
         progress.update(runs_task, status=f"now: {point.label}")
         progress.reset(rounds_task, total=job.config.rounds, status="starting engine")
         progress.console.print(f"run {i + 1}/{len(points)} {job.run_id}: {point.label}" + "".join(f"; {n}" for n in job.notes if "keys" not in n))
@@ -848,9 +851,11 @@ def sweep_command(
         eps = f", eps {row['epsilon']:.3f}" if row["epsilon"] is not None else ""
         progress.update(runs_task, advance=1, status=f"last: {row['label']} {row['status']}, acc {_fmt(row['accuracy'], 3)}{eps}")
 
-    with progress:
+    try:
         report = run_sweep(points, runs_dir, mode=mode, client_app_for=app_for_job, verbose=verbose, on_run_start=on_run_start, on_round=on_round,
                            on_run_end=on_run_end)
+    finally:
+        progress.stop()
     _write_report(html_path, sweep_html, report)
     if as_json:
         _print_json(report)

@@ -364,6 +364,8 @@ def test_compare_needs_two_runs(tmp_path):
         (["--noise-multipliers", "0.8,-1"], "must be > 0"),
         (["--target-epsilons", "3,3"], "lists a value twice"),
         (["--noise-multipliers", "1", "--dataset", "imagenet"], "unknown dataset"),
+        # found by the check of every point, before any progress display starts
+        (["--noise-multipliers", "1", "--clients", "100"], "fewer than --batch-size"),
     ],
 )
 def test_sweep_bad_input_exits_2_and_stores_nothing(args, message, tmp_path):
