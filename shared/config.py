@@ -17,6 +17,7 @@ from typing import Any
 from shared.data import BUILTIN_DATASETS, DataSpec
 from shared.errors import BadInput
 from shared.models import MODELS
+from shared.privacy import MAX_NOISE_MULTIPLIER, MIN_DELTA
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
 AGGREGATORS = ("fedavg", "median", "trimmed-mean", "krum", "multikrum", "bulyan")
@@ -197,10 +198,12 @@ class RunConfig:
         if self.dp:
             if not self.noise_multiplier > 0:
                 raise BadInput(f"--noise-multiplier must be > 0 in private mode, got {self.noise_multiplier}")
+            if not self.noise_multiplier <= MAX_NOISE_MULTIPLIER:
+                raise BadInput(f"--noise-multiplier must be <= {MAX_NOISE_MULTIPLIER:g}, got {self.noise_multiplier:g}")
             if not self.max_grad_norm > 0:
                 raise BadInput(f"--max-grad-norm must be > 0, got {self.max_grad_norm}")
-        if self.delta is not None and not (0.0 < self.delta < 1.0):
-            raise BadInput(f"--delta must be in (0, 1), got {self.delta}")
+        if self.delta is not None and not (MIN_DELTA <= self.delta < 1.0):
+            raise BadInput(f"--delta must be in [{MIN_DELTA:g}, 1), got {self.delta:g}: the accountant cannot bound epsilon below {MIN_DELTA:g}")
         for flag, value in (("--target-epsilon", self.target_epsilon), ("--client-target-epsilon", self.client_target_epsilon), ("--max-epsilon", self.max_epsilon)):
             if value is not None and not value > 0:
                 raise BadInput(f"{flag} must be > 0, got {value}")
@@ -209,8 +212,8 @@ class RunConfig:
         if self.client_target_epsilon is not None and not self.client_dp:
             raise BadInput("--client-target-epsilon needs --client-dp")
         if self.client_dp:
-            if not self.client_noise_multiplier > 0:
-                raise BadInput(f"--client-noise-multiplier must be > 0, got {self.client_noise_multiplier}")
+            if not 0 < self.client_noise_multiplier <= MAX_NOISE_MULTIPLIER:
+                raise BadInput(f"--client-noise-multiplier must be in (0, {MAX_NOISE_MULTIPLIER:g}], got {self.client_noise_multiplier:g}")
             if not self.client_clip > 0:
                 raise BadInput(f"--client-clip must be > 0, got {self.client_clip}")
             q = self.participation_rate

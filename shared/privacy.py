@@ -20,6 +20,12 @@ LedgerEntry = tuple[float, float, int]
 ACCOUNTANTS = ("prv", "rdp")
 HEADLINE_ACCOUNTANT = "prv"
 SIGMA_SEARCH_MAX = 1000.0
+# Opacus's PRV accountant works to a delta error of delta / 1000 and could not resolve
+# delta below about 1e-13 (measured on five (sigma, q, T) settings): every query failed.
+MIN_DELTA = 1e-12
+# Epsilon has reached its sigma -> infinity limit long before (to 6 digits by 1e3), and
+# Opacus's RDP analysis overflowed at some larger sigma (1e8) but not others (1e12).
+MAX_NOISE_MULTIPLIER = 1e6
 
 
 def compact(ledger: Iterable[Sequence[float]]) -> list[LedgerEntry]:
@@ -35,10 +41,10 @@ def check_mechanism(sample_rate: float, noise_multiplier: float | None = None, d
     """Raise :class:`BadInput` with one clear line for out-of-range mechanism parameters."""
     if not (0.0 < sample_rate <= 1.0):
         raise BadInput(f"sample rate must be in (0, 1], got {sample_rate}")
-    if noise_multiplier is not None and not (noise_multiplier > 0 and math.isfinite(noise_multiplier)):
-        raise BadInput(f"noise multiplier must be a finite number > 0, got {noise_multiplier}")
-    if delta is not None and not (0.0 < delta < 1.0):
-        raise BadInput(f"delta must be in (0, 1), got {delta}")
+    if noise_multiplier is not None and not (0 < noise_multiplier <= MAX_NOISE_MULTIPLIER):
+        raise BadInput(f"noise multiplier must be in (0, {MAX_NOISE_MULTIPLIER:g}], got {noise_multiplier}")
+    if delta is not None and not (MIN_DELTA <= delta < 1.0):
+        raise BadInput(f"delta must be in [{MIN_DELTA:g}, 1): the accountant cannot bound epsilon below {MIN_DELTA:g}; got {delta}")
 
 
 @lru_cache(maxsize=4096)

@@ -136,13 +136,16 @@ def test_poisson_participation_fits_binomial():
 
 
 BUDGET_BAD = {
-    "delta zero": (["--sample-rate", "0.01", "--noise-multiplier", "1", "--steps", "10", "--delta", "0"], "delta must be in (0, 1)"),
-    "delta one": (["--sample-rate", "0.01", "--noise-multiplier", "1", "--steps", "10", "--delta", "1"], "delta must be in (0, 1)"),
+    "delta zero": (["--sample-rate", "0.01", "--noise-multiplier", "1", "--steps", "10", "--delta", "0"], "delta must be in [1e-12, 1)"),
+    "delta one": (["--sample-rate", "0.01", "--noise-multiplier", "1", "--steps", "10", "--delta", "1"], "delta must be in [1e-12, 1)"),
+    # below it PRV fails on every ledger; the message names delta, not sigma
+    "delta vanishing": (["--sample-rate", "0.07", "--noise-multiplier", "1.85", "--steps", "28", "--delta", "1e-300"], "delta must be in [1e-12, 1)"),
+    "noise huge": (["--sample-rate", "0.07", "--noise-multiplier", "1e300", "--steps", "28", "--delta", "1e-5"], "noise multiplier must be in (0, 1e+06]"),
     "target zero": (["--sample-rate", "0.01", "--target-epsilon", "0", "--steps", "10", "--delta", "1e-5"], "--target-epsilon must be > 0"),
     "unreachable": (["--sample-rate", "1.0", "--target-epsilon", "1e-4", "--steps", "100000", "--delta", "1e-5"], "cannot be reached"),
     "rate zero": (["--sample-rate", "0", "--noise-multiplier", "1", "--steps", "10", "--delta", "1e-5"], "sample rate must be in (0, 1]"),
     "rate above one": (["--sample-rate", "1.5", "--noise-multiplier", "1", "--steps", "10", "--delta", "1e-5"], "sample rate must be in (0, 1]"),
-    "noise infinite": (["--sample-rate", "0.01", "--noise-multiplier", "inf", "--steps", "10", "--delta", "1e-5"], "noise multiplier must be a finite number > 0"),
+    "noise infinite": (["--sample-rate", "0.01", "--noise-multiplier", "inf", "--steps", "10", "--delta", "1e-5"], "noise multiplier must be in (0, 1e+06]"),
     "noise vanishing": (["--sample-rate", "0.01", "--noise-multiplier", "1e-300", "--steps", "10", "--delta", "1e-5"], "too small for the PRV accountant"),
     "target infinite": (["--sample-rate", "0.01", "--target-epsilon", "inf", "--steps", "10", "--delta", "1e-5"], "target epsilon must be a finite number > 0"),
     "no clients": (["--rounds", "5", "--clients", "0", "--batch-size", "8", "--dataset-size", "1000", "--noise-multiplier", "1"], "--clients must be >= 1"),
@@ -180,8 +183,12 @@ def test_budget_bad_input(case):
 
 
 RUN_BAD = {
-    "delta zero": (["--delta", "0"], "--delta must be in (0, 1)"),
-    "delta one": (["--delta", "1"], "--delta must be in (0, 1)"),
+    "delta zero": (["--delta", "0"], "--delta must be in [1e-12, 1)"),
+    "delta one": (["--delta", "1"], "--delta must be in [1e-12, 1)"),
+    # both used to pass the checks and fail in every client, after the run had started
+    "delta vanishing": (["--delta", "1e-300"], "--delta must be in [1e-12, 1)"),
+    "noise huge": (["--noise-multiplier", "1e300"], "--noise-multiplier must be <= 1e+06"),
+    "client noise huge": (["--client-dp", "--client-noise-multiplier", "1e300"], "--client-noise-multiplier must be in (0, 1e+06]"),
     "target zero": (["--target-epsilon", "0"], "--target-epsilon must be > 0"),
     "target unreachable": (["--target-epsilon", "1e-5"], "cannot be reached"),
     "client sample rate zero": (["--client-dp", "--client-sample-rate", "0"], "--client-sample-rate must be in (0, 1]"),
