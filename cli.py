@@ -98,6 +98,8 @@ def _fmt(value: Any, digits: int = 4) -> str:
 
 
 RUNS_DIR_HELP = "Run store folder (default ./fedaudit-runs, or $FEDAUDIT_RUNS_DIR)."
+# Each reference model replays the whole federation's training in the audit process.
+MAX_REFERENCE_MODELS = 64
 
 
 # --------------------------------------------------------------------------- run
@@ -719,8 +721,8 @@ def audit_command(
     from shared.store import RunStore
 
     gates = Gates(max_epsilon, min_accuracy, max_accuracy_drop, min_robust_accuracy, max_mia_auc).validate(baseline is not None)
-    if reference_models < 0:
-        raise FedauditError(f"--reference-models must be >= 0, got {reference_models}")
+    if not 0 <= reference_models <= MAX_REFERENCE_MODELS:
+        raise FedauditError(f"--reference-models must be in 0..{MAX_REFERENCE_MODELS}, got {reference_models}")
     _check_html_path(html_path)
     report = audit_run(RunStore(runs_dir), run_id, baseline_id=baseline, gates=gates, reference_models=reference_models, canary_scan=canary_scan)
     if report.get("audited", True):

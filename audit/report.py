@@ -90,7 +90,7 @@ def load_run(store: RunStore, run_id: str) -> StoredRun:
         info = json.loads(info_path.read_text())
         model = build_model(info["model"], info["num_features"], info["num_classes"], info.get("image_side"))
         weights = load_file(model_path)
-    except (ValueError, KeyError, TypeError, OSError, SafetensorError) as exc:
+    except (ValueError, KeyError, TypeError, RuntimeError, OSError, SafetensorError) as exc:  # RuntimeError: torch, on a negative shape
         raise BadInput(f"run {run_id}: its final model files in {run_dir} are damaged ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
     try:
         load_numpy(model, weights)

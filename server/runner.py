@@ -27,7 +27,7 @@ from shared.crypto import init_keys, load_registry, load_server_keys
 from shared.data import client_sizes, prepare
 from shared.errors import BadInput
 from shared.models import build_model
-from shared.store import ENDED_NORMALLY, RunStore, atomic_write_bytes, new_run_id, this_process
+from shared.store import ENDED_NORMALLY, RunStore, atomic_write_bytes, new_run_id, process_gone, this_process
 from shared.summary import summarize
 
 
@@ -45,6 +45,10 @@ ACCOUNTANT_PROBE_BELOW = 0.5
 
 def preflight(config: RunConfig) -> Preflight:
     """Every check that needs the data, done before anything is written."""
+    cpus = os.cpu_count() or 1
+    if config.ray_address is None and config.cpus_per_client > cpus:
+        # Ray would start no client actor, and the simulation would crash after the run was stored.
+        raise BadInput(f"--cpus-per-client {config.cpus_per_client:g} is more than this machine's {cpus} CPUs (a cluster's go with --ray-address)")
     spec = config.data_spec
     prepared = prepare(spec)
     meta = prepared.meta
@@ -168,6 +172,10 @@ def prepare_resume(run_id: str, runs_dir: str | Path | None, ray_address: str | 
     record = store.get_run(run_id)
     if record.status in ENDED_NORMALLY:
         raise BadInput(f"run {run_id} already ended with status {record.status}; nothing to resume")
+    owner = record.info.get("owner") or {}
+    if record.status == "running" and owner.get("host") == this_process()["host"] and not process_gone(owner):
+        # Two processes would train and write the same run.
+        raise BadInput(f"run {run_id} is still running (pid {owner.get('pid')} on this host); stop it before resuming it")
     if record.info.get("engine") == "deployment":
         raise BadInput(f"run {run_id} ran on the Deployment Engine; --resume continues simulation runs only (start a new deployment run)")
     if "keys_dir" not in record.info or "model" not in record.info:

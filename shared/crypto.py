@@ -67,6 +67,9 @@ def client_key_file(client_id: int) -> str:
 
 
 def _passphrase(passphrase_env: str | None) -> bytes | None:
+    if passphrase_env is not None and not passphrase_env.strip():
+        # Read as "no variable", it would silently leave the private keys unencrypted.
+        raise BadInput("the passphrase option names no variable: give the name of an environment variable holding the passphrase")
     value = os.environ.get(passphrase_env, "") if passphrase_env else ""
     return value.encode() if value else None
 

@@ -451,7 +451,7 @@ def test_audit_cli_prints_the_unfinished_run_gate(monkeypatch, tmp_path):
     assert "gate failed: run-ended-normally" in result.stderr and "Traceback" not in result.output
 
 
-@pytest.mark.parametrize("damage", ["model-json", "safetensors"])
+@pytest.mark.parametrize("damage", ["model-json", "safetensors", "negative-shape"])
 def test_a_damaged_final_model_is_one_line_exit_2(damage, tmp_path):
     from shared.config import RunConfig
 
@@ -461,7 +461,7 @@ def test_a_damaged_final_model_is_one_line_exit_2(damage, tmp_path):
     run_dir = store.run_dir("r")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "model.json").write_text('{"model": "logreg"' if damage == "model-json" else json.dumps(
-        {"model": "logreg", "num_features": 64, "num_classes": 10}))
+        {"model": "logreg", "num_features": -1 if damage == "negative-shape" else 64, "num_classes": 10}))
     (run_dir / "model.safetensors").write_bytes(b"not a safetensors file")
     result = CliRunner().invoke(app, ["audit", "r", "--runs-dir", str(tmp_path)])
     assert result.exit_code == 2, result.output

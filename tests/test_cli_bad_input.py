@@ -181,3 +181,43 @@ def test_no_command_prints_the_help_not_an_error():
     proc = run_cli()
     assert proc.returncode == 2 and proc.stderr.startswith("Usage: ") and "error" not in proc.stderr.splitlines()[0]
     assert "Commands:" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_resume_refuses_a_run_whose_process_is_still_alive(tmp_path):
+    from shared.store import RunStore, this_process
+
+    store = RunStore(tmp_path)
+    # Owned by this very process: alive, on this host.
+    store.create_run("20261203-000000-abcdef", {}, info={"owner": this_process(), "keys_dir": str(tmp_path), "model": "logreg"})
+    result = CliRunner().invoke(app, ["run", "--resume", "20261203-000000-abcdef", "--runs-dir", str(tmp_path)])
+    assert result.exit_code == 2, result.output
+    assert "is still running (pid" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert store.get_run("20261203-000000-abcdef").status == "running"  # untouched
+
+
+@pytest.mark.parametrize("args", [["keys", "init", "KEYS", "--clients", "2", "--passphrase-env", ""],
+                                  ["run", "--keys", "KEYS", "--keys-passphrase-env", ""]])
+def test_an_empty_passphrase_variable_name_is_refused_not_read_as_none(args, tmp_path):
+    args = [str(tmp_path / "k") if a == "KEYS" else a for a in args]
+    if args[0] == "run":
+        assert CliRunner().invoke(app, ["keys", "init", str(tmp_path / "k"), "--clients", "10"]).exit_code == 0
+        args += ["--runs-dir", str(tmp_path / "runs")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "names no variable" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    if args[0] == "keys":
+        assert not (tmp_path / "k").exists()
+    assert not (tmp_path / "runs" / "runs.db").exists()
+
+
+def test_more_cpus_per_client_than_this_machine_has_is_refused(tmp_path):
+    # Ray would start no actor and the simulation would crash after the run was stored.
+    result = CliRunner().invoke(app, ["run", "--cpus-per-client", "1000", "--runs-dir", str(tmp_path)])
+    assert result.exit_code == 2, result.output
+    assert "--cpus-per-client 1000" in result.stderr and "CPUs" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "runs.db").exists()
+
+
+def test_audit_caps_the_reference_models(tmp_path):
+    result = CliRunner().invoke(app, ["audit", "some-run", "--reference-models", "100000", "--runs-dir", str(tmp_path)])
+    assert result.exit_code == 2 and "--reference-models must be in 0..64" in result.stderr, result.output
