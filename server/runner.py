@@ -27,7 +27,7 @@ from shared.crypto import init_keys, load_registry, load_server_keys
 from shared.data import client_sizes, prepare
 from shared.errors import BadInput
 from shared.models import build_model
-from shared.store import ENDED_NORMALLY, RunStore, atomic_write_bytes, new_run_id, process_gone, this_process
+from shared.store import ENDED_NORMALLY, RunStore, atomic_write_bytes, new_run_id, this_process
 from shared.summary import summarize
 
 
@@ -172,10 +172,8 @@ def prepare_resume(run_id: str, runs_dir: str | Path | None, ray_address: str | 
     record = store.get_run(run_id)
     if record.status in ENDED_NORMALLY:
         raise BadInput(f"run {run_id} already ended with status {record.status}; nothing to resume")
-    owner = record.info.get("owner") or {}
-    if record.status == "running" and owner.get("host") == this_process()["host"] and not process_gone(owner):
-        # Two processes would train and write the same run.
-        raise BadInput(f"run {run_id} is still running (pid {owner.get('pid')} on this host); stop it before resuming it")
+    if record.running_here:  # two processes would train and write the same run
+        raise BadInput(f"run {run_id} is still running (pid {record.info['owner'].get('pid')} on this host); stop it before resuming it")
     if record.info.get("engine") == "deployment":
         raise BadInput(f"run {run_id} ran on the Deployment Engine; --resume continues simulation runs only (start a new deployment run)")
     if "keys_dir" not in record.info or "model" not in record.info:

@@ -204,6 +204,12 @@ class RunRecord:
         return self.status
 
     @property
+    def running_here(self) -> bool:
+        """Still running in a live process on this host (another host's cannot be checked)."""
+        owner = self.info.get("owner") or {}
+        return self.status == "running" and owner.get("host") == socket.gethostname() and not process_gone(owner)
+
+    @property
     def shown_error(self) -> str | None:
         if self.shown_status != INTERRUPTED:
             return self.error
