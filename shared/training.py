@@ -11,14 +11,15 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from shared.dp_optimizer import BOOKKEEPING
 from shared.planner import batches_per_epoch
 
 OPTIMIZERS = ("sgd", "adam")
 
-# Fastest correct Opacus per-sample-gradient mode per built-in model, with the fused
-# optimizer (shared/dp_optimizer.py), measured by `python -m bench.dp_step` (rows
-# "ew+fused": expanded weights beat hooks, functorch and ghost on all three).
-GRAD_SAMPLE_MODE = {"logreg": "ew", "mlp": "ew", "cnn": "ew"}
+# Fastest correct DP-SGD step per built-in model, measured by `python -m bench.dp_step`:
+# book-keeping (shared/dp_optimizer.py) where every trainable layer is linear, and
+# Opacus's expanded weights with the fused optimizer for the cnn's convolutions.
+GRAD_SAMPLE_MODE = {"logreg": BOOKKEEPING, "mlp": BOOKKEEPING, "cnn": "ew"}
 
 
 @dataclass(frozen=True)
@@ -148,6 +149,7 @@ def train_local(
     sample_rate = 0.0
     train_model: nn.Module = model
 
+    recorder = None
     if dp is None:
         # drop_last: a ragged final batch of one or two records made whole-federation
         # accuracy swing by 10+ points between rounds.
@@ -155,12 +157,23 @@ def train_local(
     else:
         from opacus import PrivacyEngine
 
-        from shared.dp_optimizer import FusedDPOptimizer
+        from shared.dp_optimizer import BookkeepingDPOptimizer, FusedDPOptimizer, LinearInputsAndGradients
 
         # Our own Poisson loader, so that q comes from the public record count.
         num_batches = batches_per_epoch(public, batch_size)
         loader = poisson_loader(dataset, num_batches, generator)
+        sample_rate = float(loader.sample_rate)
+        # The mean divides by the expected batch size of the public records, n q:
+        # Opacus's int(len(dataset) q) would move with the number of canaries included.
+        expected_batch_size = public / num_batches
 
+    if dp is not None and grad_sample_mode == BOOKKEEPING:
+        # Per-record norms and clipped sums from each linear layer's inputs and output
+        # gradients, with the summed loss below (shared/dp_optimizer.py).
+        recorder = LinearInputsAndGradients(model, loss_reduction="sum")
+        opt = BookkeepingDPOptimizer(opt, recorder=recorder, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
+                                     expected_batch_size=expected_batch_size, generator=generator)
+    elif dp is not None:
         # The engine's own accountant is unused: the client's ledger in Context.state
         # is the single source of truth, and it spans every round.
         engine = PrivacyEngine(accountant="prv", secure_mode=False)
@@ -179,37 +192,38 @@ def train_local(
                 grad_sample_mode=grad_sample_mode,
                 noise_generator=generator,
             )
-        # The same mechanism in fewer operations (shared/dp_optimizer.py). Its mean
-        # divides by the expected batch size of the public records, n q: Opacus's
-        # int(len(dataset) q) would move with the number of canaries included.
-        opt = FusedDPOptimizer.replacing(opt, expected_batch_size=public / num_batches, generator=generator)
-        sample_rate = float(loader.sample_rate)
+        # The same mechanism in fewer operations (shared/dp_optimizer.py).
+        opt = FusedDPOptimizer.replacing(opt, expected_batch_size=expected_batch_size, generator=generator)
 
     train_model.train()
     steps, loss_sum, seen = 0, 0.0, 0
-    for _ in range(epochs):
-        for xb, yb, counted_b in loader:
-            opt.zero_grad(set_to_none=True)
-            if len(yb) == 0:
-                # An empty Poisson batch is still a step of the mechanism: the update
-                # is pure noise, and the ledger must count it. Expanded-weights mode
-                # cannot run a forward pass on zero records, so give Opacus the empty
-                # per-sample gradients directly.
-                for p in model.parameters():
-                    p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
-                _step(opt, model, anchor, proximal_mu, private=True)
+    try:
+        for _ in range(epochs):
+            for xb, yb, counted_b in loader:
+                opt.zero_grad(set_to_none=True)
+                if len(yb) == 0:
+                    # An empty Poisson batch is still a step of the mechanism: the update
+                    # is pure noise, and the ledger must count it. Expanded-weights mode
+                    # cannot run a forward pass on zero records, so give Opacus the empty
+                    # per-sample gradients directly.
+                    for p in model.parameters():
+                        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+                    _step(opt, model, anchor, proximal_mu, private=True)
+                    steps += 1
+                    continue
+                per_record = criterion(train_model(xb), yb)
+                loss = per_record.mean() if dp is None else per_record.sum()
+                if anchor is not None and dp is None:
+                    loss = loss + proximal_mu / 2 * _proximal_term(model, anchor)
+                loss.backward()
+                _step(opt, model, anchor, proximal_mu, private=dp is not None)
                 steps += 1
-                continue
-            per_record = criterion(train_model(xb), yb)
-            loss = per_record.mean() if dp is None else per_record.sum()
-            if anchor is not None and dp is None:
-                loss = loss + proximal_mu / 2 * _proximal_term(model, anchor)
-            loss.backward()
-            _step(opt, model, anchor, proximal_mu, private=dp is not None)
-            steps += 1
-            loss_sum += float(per_record.detach()[counted_b].sum())
-            seen += int(counted_b.sum())
-    if dp is not None and hasattr(train_model, "_close"):
-        # Detach Opacus hooks so the caller's model is a plain module again.
-        train_model._close()
+                loss_sum += float(per_record.detach()[counted_b].sum())
+                seen += int(counted_b.sum())
+    finally:
+        # Detach the hooks so the caller's model is a plain module again.
+        if recorder is not None:
+            recorder.close()
+        if hasattr(train_model, "_close"):
+            train_model._close()
     return TrainResult(loss=loss_sum / max(seen, 1), num_examples=public, steps=steps, sample_rate=sample_rate)

@@ -1,4 +1,4 @@
-"""The fused DP-SGD step gives Opacus's gradients, on every built-in model."""
+"""The fused and book-keeping DP-SGD steps give Opacus's gradients on the built-in models."""
 
 import warnings
 
@@ -9,9 +9,17 @@ from opacus import PrivacyEngine
 from opacus.optimizers import DPOptimizer
 from torch.utils.data import DataLoader, TensorDataset
 
-from shared.dp_optimizer import FusedDPOptimizer
+from shared.dp_optimizer import (
+    BOOKKEEPING,
+    BookkeepingDPOptimizer,
+    FusedDPOptimizer,
+    LinearInputsAndGradients,
+    supports_bookkeeping,
+)
 from shared.models import MODELS, build_model
 from shared.training import GRAD_SAMPLE_MODE, DPSettings, train_local
+
+LINEAR_MODELS = [name for name in MODELS if GRAD_SAMPLE_MODE[name] == BOOKKEEPING]
 
 BATCH = 16
 
@@ -53,7 +61,7 @@ def _gradient(name: str, mode: str, noise: float, clip: float, fused: bool, gene
 @pytest.mark.parametrize("clip", [1e-2, 1.0, 1e6])
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 def test_fused_step_gives_opacus_gradient(name, clip, reduction):
-    mode = GRAD_SAMPLE_MODE[name]
+    mode = "ew"
     ours = _gradient(name, mode, 0.0, clip, fused=True, reduction=reduction)
     theirs = _gradient(name, mode, 0.0, clip, fused=False)
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-7)
@@ -63,7 +71,8 @@ def test_fused_step_gives_opacus_gradient(name, clip, reduction):
         assert float(ours.norm()) < 0.5 * float(_gradient(name, mode, 0.0, 1e6, fused=True).norm())
 
 
-def test_fused_step_matches_an_explicit_per_record_computation():
+def _explicitly_clipped_mean():
+    """The mlp's mean of per-record clipped gradients at half the median norm, one record at a time."""
     torch.manual_seed(3)
     model = build_model("mlp", 64, 10, 8)
     x, y = _batch()
@@ -75,6 +84,11 @@ def test_fused_step_matches_an_explicit_per_record_computation():
     grads = torch.stack(per_record)
     clip = float(grads.norm(dim=1).median()) / 2
     expected = (grads * (clip / (grads.norm(dim=1, keepdim=True) + 1e-6)).clamp(max=1.0)).sum(0) / BATCH
+    return clip, expected
+
+
+def test_fused_step_matches_an_explicit_per_record_computation():
+    clip, expected = _explicitly_clipped_mean()
     torch.testing.assert_close(_gradient("mlp", "ew", 0.0, clip, fused=True), expected, rtol=1e-4, atol=1e-7)
 
 
@@ -126,22 +140,157 @@ def test_steps_outside_the_fast_path_are_left_to_opacus(monkeypatch):
     assert len(calls) == 2
 
 
-def test_training_divides_by_the_public_records_expected_batch_size_whatever_the_canaries():
+@pytest.mark.parametrize("mode", ["ew", BOOKKEEPING])
+def test_training_divides_by_the_public_records_expected_batch_size_whatever_the_canaries(mode):
     # 64 public records in batches of 16: q = 1/4, so the expected batch is 16 records,
     # with or without the 8 secret canaries after them. A zero learning rate keeps the model
     # fixed, so the recorded divisor is the only thing compared.
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(72, 64)).astype(np.float32), rng.integers(0, 10, 72)
     seen = []
-    original = FusedDPOptimizer.replacing.__func__
 
-    def spy(cls, optimizer, *, expected_batch_size, generator):
-        seen.append(expected_batch_size)
-        return original(cls, optimizer, expected_batch_size=expected_batch_size, generator=generator)
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs["expected_batch_size"])
+        DPOptimizer.__init__(self, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(FusedDPOptimizer, "replacing", classmethod(spy))
+        mp.setattr(FusedDPOptimizer, "__init__", spy)
         for records in (64, 72):
             train_local(build_model("logreg", 64, 10), x[:records], y[:records], epochs=1, batch_size=16, learning_rate=0.0,
-                        dp=DPSettings(1.0, 1.0), grad_sample_mode="ew", public_records=64)
+                        dp=DPSettings(1.0, 1.0), grad_sample_mode=mode, public_records=64)
     assert seen == [16.0, 16.0]
+
+
+# ----------------------------------------------------------------- book-keeping
+
+
+def _bookkeeping(name: str, noise: float, clip: float, generator=None, reduction="sum", seed: int = 3, expected_batch_size=BATCH):
+    torch.manual_seed(seed)
+    model = build_model(name, 64, 10, 8)
+    recorder = LinearInputsAndGradients(model, loss_reduction=reduction)
+    opt = BookkeepingDPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), recorder=recorder, noise_multiplier=noise,
+                                 max_grad_norm=clip, expected_batch_size=expected_batch_size, generator=generator)
+    return model, opt
+
+
+def _bookkeeping_gradient(name: str, noise: float, clip: float, generator=None, reduction="sum") -> torch.Tensor:
+    model, opt = _bookkeeping(name, noise, clip, generator, reduction)
+    x, y = _batch()
+    opt.zero_grad()
+    torch.nn.functional.cross_entropy(model(x), y, reduction=reduction).backward()
+    assert opt.pre_step()
+    return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+
+
+def test_the_linear_models_train_with_bookkeeping_and_the_cnn_does_not():
+    assert LINEAR_MODELS == ["logreg", "mlp"]
+    assert not supports_bookkeeping(build_model("cnn", 64, 10, 8))
+    with pytest.raises(ValueError, match="nn.Linear"):
+        LinearInputsAndGradients(build_model("cnn", 64, 10, 8))
+    # A module that could mix records, or a parameter outside a linear layer, is refused.
+    assert not supports_bookkeeping(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4)))
+    assert not supports_bookkeeping(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Softmax(dim=0)))
+
+
+@pytest.mark.parametrize("name", LINEAR_MODELS)
+@pytest.mark.parametrize("clip", [1e-2, 1.0, 1e6])
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_bookkeeping_gives_opacus_gradient(name, clip, reduction):
+    ours = _bookkeeping_gradient(name, 0.0, clip, reduction=reduction)
+    theirs = _gradient(name, "ew", 0.0, clip, fused=False)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-7)
+    assert float(ours.norm()) <= clip * (1 + 1e-5)
+
+
+def test_bookkeeping_matches_an_explicit_per_record_computation():
+    clip, expected = _explicitly_clipped_mean()
+    torch.testing.assert_close(_bookkeeping_gradient("mlp", 0.0, clip), expected, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", LINEAR_MODELS)
+def test_bookkeeping_noise_is_the_fused_optimizers_draw(name):
+    # The same generator state gives the same noise coordinate for coordinate, so the
+    # fused optimizer's standard-deviation test covers book-keeping too.
+    for seed in (0, 1):
+        ours = _bookkeeping_gradient(name, 2.0, 0.5, generator=torch.Generator().manual_seed(seed))
+        fused = _gradient(name, "ew", 2.0, 0.5, fused=True, generator=torch.Generator().manual_seed(seed))
+        torch.testing.assert_close(ours, fused, rtol=1e-4, atol=1e-6)
+    clean = _bookkeeping_gradient(name, 0.0, 0.5)
+    assert (ours - clean).std().item() == pytest.approx(2.0 * 0.5 / BATCH, rel=0.1)
+
+
+def test_bookkeeping_on_an_empty_batch_is_a_noise_only_step():
+    model, opt = _bookkeeping("mlp", 1.0, 1.0, generator=torch.Generator().manual_seed(0), expected_batch_size=7.5)
+    opt.zero_grad()
+    for p in model.parameters():
+        p.grad_sample = torch.zeros((0, *p.shape))
+    assert opt.pre_step()
+    assert torch.cat([p.grad.reshape(-1) for p in model.parameters()]).std().item() == pytest.approx(1.0 / 7.5, rel=0.1)
+
+
+def test_bookkeeping_refuses_what_would_make_its_norms_wrong():
+    model, opt = _bookkeeping("mlp", 1.0, 1.0)
+    x, y = _batch()
+    torch.nn.functional.cross_entropy(model(x), y, reduction="sum").backward()
+    opt.step()
+    with pytest.raises(ValueError, match="not initialized"):  # a second step without a backward pass
+        opt.step()
+    opt.zero_grad()
+    model(x)
+    with pytest.raises(RuntimeError, match="no gradient"):  # a forward pass without a backward pass
+        opt.step()
+    opt.zero_grad()
+    with pytest.raises(RuntimeError, match="twice"):  # a layer used twice in one step
+        model(torch.cat([x, model.net[1](x)], 1)[:, :64])
+    opt.zero_grad()
+    with pytest.raises(RuntimeError, match="one input row per record"):
+        model.net[1](x.reshape(BATCH, 1, 64))
+    opt.zero_grad()
+    loss = torch.nn.functional.cross_entropy(model(x), y, reduction="sum")
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="two backward passes"):
+        loss.backward()
+    # Every parameter the optimizer steps must be one the recorder clips.
+    extra = torch.nn.Parameter(torch.zeros(3))
+    with pytest.raises(ValueError, match="exactly the optimizer's parameters"):
+        BookkeepingDPOptimizer(torch.optim.SGD([*model.parameters(), extra], lr=0.1), recorder=opt.recorder,
+                               noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=BATCH)
+
+
+def test_evaluation_under_no_grad_records_nothing():
+    model, opt = _bookkeeping("logreg", 1.0, 1.0)
+    with torch.no_grad():
+        model(_batch()[0])
+    assert not opt.recorder.pending
+
+
+@pytest.mark.parametrize("name", LINEAR_MODELS)
+def test_training_with_bookkeeping_gives_the_weights_expanded_weights_give(name):
+    # Same seed: same Poisson batches, same noise, so the same model after two epochs,
+    # empty batches included (q = 1/16 over 20 records makes them likely).
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(20, 64)).astype(np.float32), rng.integers(0, 10, 20)
+
+    def trained(mode):
+        torch.manual_seed(0)
+        model = build_model(name, 64, 10)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result = train_local(model, x, y, epochs=2, batch_size=2, learning_rate=0.5, dp=DPSettings(0.7, 0.5),
+                                 grad_sample_mode=mode, seed=9, proximal_mu=0.1)
+        return model, result
+
+    model, result = trained(BOOKKEEPING)
+    reference, expected = trained("ew")
+    assert result.steps == expected.steps == 20 and result.sample_rate == expected.sample_rate
+    torch.testing.assert_close(torch.cat([p.detach().reshape(-1) for p in model.parameters()]),
+                               torch.cat([p.detach().reshape(-1) for p in reference.parameters()]), rtol=1e-4, atol=1e-5)
+    # Training removed its hooks: the caller's model is a plain module again.
+    assert not any(m._forward_hooks for m in model.modules())
+
+
+def test_training_uses_the_step_the_benchmark_recorded_as_fastest():
+    from bench import dp_step
+
+    assert dp_step.BOOKKEEPING == BOOKKEEPING
+    assert {name: mode.removesuffix(dp_step.FUSED) for name, mode in dp_step.fastest_modes().items()} == GRAD_SAMPLE_MODE
