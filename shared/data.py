@@ -13,6 +13,7 @@ training set plus one integer per client, whatever the number of clients.
 from __future__ import annotations
 
 import logging
+import math
 import re
 import warnings
 from collections.abc import Sequence
@@ -324,8 +325,8 @@ def _partition(y: np.ndarray, spec: DataSpec) -> Partitions:
             alpha = float(arg)
         except ValueError:
             raise BadInput(f"bad partition {spec.partition!r}: use dirichlet:ALPHA with a number ALPHA > 0") from None
-        if not alpha > 0:
-            raise BadInput(f"bad partition {spec.partition!r}: ALPHA must be > 0")
+        if not 0 < alpha < math.inf:
+            raise BadInput(f"bad partition {spec.partition!r}: ALPHA must be a finite number > 0")
         return _dirichlet(y, spec, alpha)
     raise BadInput(f"unknown partition {spec.partition!r}; use iid or dirichlet:ALPHA")
 

@@ -90,7 +90,9 @@ def raw_mechanism(sample_rate: float, steps: int, delta: float | None, noise_mul
     if delta is None:
         raise BadInput("--delta is required with --sample-rate")
     privacy.check_mechanism(sample_rate, None, delta)
-    if steps is None or not 1 <= steps <= MAX_STEPS:
+    if steps is None:
+        raise BadInput("--steps is required with --sample-rate")
+    if not 1 <= steps <= MAX_STEPS:
         raise BadInput(f"--steps must be in 1..{MAX_STEPS:,}, got {steps}")
     if target_epsilon is not None and not target_epsilon > 0:
         raise BadInput(f"--target-epsilon must be > 0, got {target_epsilon}")

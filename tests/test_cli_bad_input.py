@@ -51,6 +51,7 @@ CASES = {
     "missing config": (["--config", "{d}/absent.toml"], "config file not found"),
     "unknown config keys": (["--config", "{d}/unknown.toml"], "unknown key(s) in config file"),
     "bad partition": (["--partition", "zipf"], "unknown partition"),
+    "infinite dirichlet alpha": (["--partition", "dirichlet:inf"], "ALPHA must be a finite number > 0"),
     "fraction nan": (["--fraction", "nan"], "--fraction must be a finite number, got nan"),
     "lr infinite": (["--lr", "inf"], "--lr must be a finite number"),
     "clients zero named first": (["--clients", "0"], "--clients must be >= 1"),
@@ -126,6 +127,33 @@ def test_an_unusable_run_store_is_bad_input_and_leaves_nothing(kind, tmp_path):
         assert sorted(p.name for p in runs.iterdir()) == before  # no run folder or keys left behind
 
 
+@pytest.mark.parametrize("command", [["runs"], ["runs", "--json"], ["show", "r1"]])
+@pytest.mark.parametrize("column, value", [("config", "{bad"), ("info", "[1]")])
+def test_a_damaged_row_in_the_run_store_is_one_line_naming_the_run(command, column, value, tmp_path):
+    import sqlite3
+
+    from shared.store import RunStore
+
+    RunStore(tmp_path).create_run("r1", {"rounds": 1})
+    with sqlite3.connect(tmp_path / "runs.db") as conn:
+        conn.execute(f"UPDATE runs SET {column} = ?", (value,))
+    result = CliRunner().invoke(app, [*command, "--runs-dir", str(tmp_path)])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip() == f"error: the run store {tmp_path / 'runs.db'} is damaged: run 'r1' has no readable {column}"
+
+
+def test_a_stored_error_is_shown_without_terminal_colour_codes(tmp_path):
+    import json
+
+    from shared.store import RunStore
+
+    store = RunStore(tmp_path)
+    store.create_run("r1", {"rounds": 1})
+    store.finish_run("r1", "failed", "\x1b[36m(ClientAppActor pid=1)\x1b[0m \x1b[31mRayTaskError\x1b[0m: boom")
+    result = CliRunner().invoke(app, ["show", "r1", "--json", "--runs-dir", str(tmp_path)])
+    assert json.loads(result.stdout)["error"] == "(ClientAppActor pid=1) RayTaskError: boom"
+
+
 def test_runs_json_is_one_object(tmp_path):
     import json
 
@@ -137,6 +165,11 @@ def test_runs_json_is_one_object(tmp_path):
 def test_budget_refuses_both_a_noise_multiplier_and_a_target():
     result = CliRunner().invoke(app, ["budget", "--sample-rate", "0.1", "--steps", "10", "--delta", "1e-5", "--noise-multiplier", "1", "--target-epsilon", "3"])
     assert result.exit_code == 2 and "not both" in result.stderr
+
+
+def test_budget_names_a_missing_step_count():
+    result = CliRunner().invoke(app, ["budget", "--sample-rate", "0.1", "--delta", "1e-5", "--noise-multiplier", "1"])
+    assert result.exit_code == 2 and result.stderr.strip() == "error: --steps is required with --sample-rate"
 
 
 def test_paths_that_look_like_markup_print_as_they_are(tmp_path):
