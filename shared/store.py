@@ -25,6 +25,7 @@ from typing import Any
 from shared.errors import BadInput
 from shared.files import write_atomic
 from shared.processes import alive, start_time
+from shared.quiet import without_terminal_codes
 from shared.results import finite_or_none
 
 DEFAULT_RUNS_DIR = "fedaudit-runs"
@@ -279,6 +280,8 @@ class RunStore:
     def finish_run(self, run_id: str, status: str, error: str | None = None) -> None:
         if status not in STATUSES:
             raise ValueError(status)
+        # Stored errors are shown by `show` and --json: plain text, without Ray's colours.
+        error = None if error is None else without_terminal_codes(error)
         self.update_run(run_id, status=status, error=error, finished_at=time.time())
 
     def start_another_attempt(self, run_id: str, owner: dict) -> None:
@@ -314,18 +317,26 @@ class RunStore:
             rows = conn.execute("SELECT * FROM runs ORDER BY created_at").fetchall()
         return [self._record(r) for r in rows]
 
-    @staticmethod
-    def _record(row: sqlite3.Row) -> RunRecord:
+    def _record(self, row: sqlite3.Row) -> RunRecord:
         return RunRecord(
             run_id=row["run_id"],
             status=row["status"],
             error=row["error"],
-            config=json.loads(row["config"]),
+            config=self._json_object(row, "config"),
             created_at=row["created_at"],
             finished_at=row["finished_at"],
             delta=row["delta"],
-            info=json.loads(row["info"]),
+            info=self._json_object(row, "info"),
         )
+
+    def _json_object(self, row: sqlite3.Row, column: str) -> dict:
+        try:
+            value = json.loads(row[column])
+        except (TypeError, ValueError):
+            value = None
+        if not isinstance(value, dict):
+            raise BadInput(f"the run store {self.db_path} is damaged: run {row['run_id']!r} has no readable {column}")
+        return value
 
     # ------------------------------------------------------------------ clients
     def record_clients(self, run_id: str, clients: list[dict]) -> None:
