@@ -41,6 +41,7 @@ from shared.config import RunConfig
 from shared.crypto import load_registry
 from shared.errors import BadInput
 from shared.processes import flower_script
+from shared.quiet import without_terminal_codes
 from shared.results import BundleError, LogReader, unb64
 from shared.store import RunStore, atomic_write_bytes, new_run_id
 
@@ -279,7 +280,7 @@ def _env(flwr_home: Path) -> dict:
 
 
 def _plain(line: str) -> str:
-    return re.sub(r"\x1b\[[0-9;]*m", "", line).strip()
+    return without_terminal_codes(line).strip()
 
 
 def _follow(cmd: list[str], env: dict, cwd: Path, reader: LogReader, on_line: Callable[[str, dict | None], None], timeout: float | None = None) -> tuple[int, list[str]]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import warnings
 
 
@@ -39,3 +40,11 @@ def ray_init_args(verbose: bool) -> dict:
         return {}
     # Not include_dashboard=False: with it, Ray start-up took minutes here.
     return {"logging_level": "ERROR", "log_to_driver": False}
+
+
+# Terminal colour and cursor codes, which Flower and Ray put in their messages.
+_TERMINAL_CODES = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def without_terminal_codes(text: str) -> str:
+    return _TERMINAL_CODES.sub("", text)
