@@ -62,6 +62,23 @@ def _check_port_free(host: str, port: int) -> None:
             raise BadInput(f"cannot listen on {host}:{port}: {exc.strerror} (another SuperLink on that port?)") from None
 
 
+def _check_state_database(path: Path) -> None:
+    """Flower's SuperLink exits 1 without a word on a state database it cannot open."""
+    import sqlite3
+
+    from shared.errors import make_dir
+
+    if path.is_dir():
+        raise BadInput(f"--database {path} is a folder; give a file for Flower's state database")
+    make_dir(path.parent, "folder of --database")
+    if path.exists():
+        try:
+            with sqlite3.connect(path.as_uri() + "?mode=ro", uri=True) as conn:
+                conn.execute("SELECT name FROM sqlite_master LIMIT 1").fetchall()
+        except sqlite3.Error as exc:
+            raise BadInput(f"--database {path} is not a usable SQLite database: {exc}") from None
+
+
 def superlink_launch(*, certs: str | Path | None, insecure: bool, host: str, port: int, keys: str | Path | None,
                      keys_passphrase_env: str | None, runs_dir: str | Path | None, database: str | Path | None,
                      log_file: str | Path | None = None) -> SuperLinkLaunch:
@@ -84,8 +101,10 @@ def superlink_launch(*, certs: str | Path | None, insecure: bool, host: str, por
         environment[KEYS_DIR_ENV] = str(keys)
         if keys_passphrase_env:
             environment[KEYS_PASSPHRASE_ENV_ENV] = keys_passphrase_env
-    command = superlink_command(certs=certs, insecure=insecure, host=host, port=port, database=Path(database or runs / "superlink.db").resolve())
+    database = Path(database or runs / "superlink.db").resolve()
+    command = superlink_command(certs=certs, insecure=insecure, host=host, port=port, database=database)
     _check_port_free(host, port)
+    _check_state_database(database)
     if log_file is not None:
         open_log(Path(log_file)).close()  # named before anything is written
     make_dir(runs, "run store")

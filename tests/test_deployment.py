@@ -787,3 +787,16 @@ def test_superlink_on_a_taken_port_is_named(tmp_path):
         port = taken.getsockname()[1]
         result = CliRunner().invoke(app, ["superlink", "--insecure", "--port", str(port), "--runs-dir", str(tmp_path / "r")])
     assert result.exit_code == 2 and f"cannot listen on 127.0.0.1:{port}" in result.stderr, result.output
+
+
+@pytest.mark.parametrize("kind, named", [("folder", "is a folder"), ("not-sqlite", "is not a usable SQLite database")])
+def test_a_state_database_flower_cannot_open_is_named_before_the_superlink_starts(kind, named, tmp_path):
+    database = tmp_path / "state.db"
+    if kind == "folder":
+        database.mkdir()
+    else:
+        database.write_text("garbage")
+    result = CliRunner().invoke(app, ["superlink", "--insecure", "--port", str(free_port()), "--database", str(database), "--runs-dir", str(tmp_path / "r")])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip() == f"error: --database {database} {named}" + (
+        "; give a file for Flower's state database" if kind == "folder" else ": file is not a database")
