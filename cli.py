@@ -97,6 +97,23 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
+class _NonEmptyPath(click.ParamType):
+    """A path flag's value; an empty one (an unset shell variable, say) would otherwise
+    mean the current folder."""
+
+    name = "path"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Path:
+        if isinstance(value, Path):
+            return value
+        if not str(value).strip():
+            self.fail("is empty", param, ctx)
+        return Path(value)
+
+
+PATH = _NonEmptyPath()
+
+
 RUNS_DIR_HELP = "Run store folder (default ./fedaudit-runs, or $FEDAUDIT_RUNS_DIR)."
 # Each reference model replays the whole federation's training in the audit process.
 MAX_REFERENCE_MODELS = 64
@@ -107,7 +124,7 @@ MAX_REFERENCE_MODELS = 64
 @user_errors
 def run(
     dataset: Optional[str] = typer.Option(None, help="Built-in dataset: digits, breast-cancer or synthetic."),
-    data: Optional[Path] = typer.Option(None, help="A .csv/.parquet file, or a folder with one file per client."),
+    data: Optional[Path] = typer.Option(None, click_type=PATH, help="A .csv/.parquet file, or a folder with one file per client."),
     label: Optional[str] = typer.Option(None, help="Label column of --data."),
     clients: Optional[int] = typer.Option(None, help="Number of simulated clients."),
     rounds: Optional[int] = typer.Option(None, help="Federated rounds."),
@@ -156,16 +173,16 @@ def run(
     min_replies: Optional[int] = typer.Option(None, help="Fewest valid client replies a round needs; fewer stops the run as failed."),
     canaries: Optional[int] = typer.Option(None, help="One-run audit: M mislabelled held-out canaries, each included with probability 1/2 in a random client's data."),
     canary_clients: Optional[int] = typer.Option(None, help="Client-level audit (needs --client-dp): add M canary clients that send random updates of norm C."),
-    keys: Optional[Path] = typer.Option(None, "--keys", help="Key directory from `fedaudit keys init` (default: fresh keys in the run folder)."),
+    keys: Optional[Path] = typer.Option(None, "--keys", click_type=PATH, help="Key directory from `fedaudit keys init` (default: fresh keys in the run folder)."),
     keys_passphrase_env: Optional[str] = typer.Option(None, help="Environment variable holding the private keys' passphrase."),
     resume: Optional[str] = typer.Option(None, "--resume", metavar="RUN_ID", help="Continue an interrupted run from its last checkpoint."),
-    config: Optional[Path] = typer.Option(None, "--config", help="run.toml; flags override it."),
+    config: Optional[Path] = typer.Option(None, "--config", click_type=PATH, help="run.toml; flags override it."),
     engine: str = typer.Option("simulation", "--engine", help="simulation (this machine, Ray) or deployment (a running SuperLink and its SuperNodes)."),
     superlink: Optional[str] = typer.Option(None, "--superlink", metavar="HOST:PORT", help="deployment: the SuperLink to submit to."),
-    root_certificates: Optional[Path] = typer.Option(None, "--root-certificates", metavar="CA_FILE", help="deployment: CA certificate that signed the SuperLink's (default: the system's trusted CAs)."),
+    root_certificates: Optional[Path] = typer.Option(None, "--root-certificates", metavar="CA_FILE", click_type=PATH, help="deployment: CA certificate that signed the SuperLink's (default: the system's trusted CAs)."),
     insecure: bool = typer.Option(False, "--insecure", help="deployment: talk to a plain-text SuperLink (TLS is on by default)."),
     reply_timeout: Optional[float] = typer.Option(None, "--reply-timeout", metavar="SECONDS", help="deployment: how long the server waits for a round's replies (default 300)."),
-    runs_dir: Optional[Path] = typer.Option(None, help=RUNS_DIR_HELP),
+    runs_dir: Optional[Path] = typer.Option(None, click_type=PATH, help=RUNS_DIR_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object to stdout."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Flower and Ray logs."),
 ) -> None:
@@ -339,7 +356,7 @@ def _print_summary(summary: dict) -> None:
 @app.command("runs")
 @user_errors
 def list_runs(
-    runs_dir: Optional[Path] = typer.Option(None, help=RUNS_DIR_HELP),
+    runs_dir: Optional[Path] = typer.Option(None, click_type=PATH, help=RUNS_DIR_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print JSON to stdout."),
 ) -> None:
     """List stored runs."""
@@ -369,7 +386,7 @@ def list_runs(
 @user_errors
 def show(
     run_id: str = typer.Argument(..., help="Run id, as listed by `fedaudit runs`."),
-    runs_dir: Optional[Path] = typer.Option(None, help=RUNS_DIR_HELP),
+    runs_dir: Optional[Path] = typer.Option(None, click_type=PATH, help=RUNS_DIR_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print JSON to stdout."),
 ) -> None:
     """Show a run's config, per-round metrics and privacy ledger."""
@@ -425,7 +442,7 @@ def budget(
     dataset_size: Optional[int] = typer.Option(None, help="Run shape: total training records, split evenly over clients."),
     client_noise_multiplier: Optional[float] = typer.Option(None, help="Client level: z, gives epsilon."),
     client_target_epsilon: Optional[float] = typer.Option(None, help="Client level: target epsilon, gives z."),
-    config: Optional[Path] = typer.Option(None, "--config", help="Take the run shape from a run.toml (its data is loaded for exact client sizes)."),
+    config: Optional[Path] = typer.Option(None, "--config", click_type=PATH, help="Take the run shape from a run.toml (its data is loaded for exact client sizes)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON to stdout."),
 ) -> None:
     """Plan a privacy budget: epsilon for a noise level, or the noise for a target epsilon."""
@@ -457,7 +474,7 @@ app.add_typer(keys_app, name="keys")
 @keys_app.command("init")
 @user_errors
 def keys_init(
-    directory: Path = typer.Argument(..., help="Folder to create the keys in."),
+    directory: Path = typer.Argument(..., click_type=PATH, help="Folder to create the keys in."),
     clients: int = typer.Option(..., help="Number of clients (ids 0..N-1)."),
     passphrase_env: Optional[str] = typer.Option(None, help="Encrypt private keys with the passphrase in this environment variable."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON to stdout."),
@@ -479,8 +496,8 @@ def keys_init(
 @user_errors
 def verify(
     run_id: str = typer.Argument(..., help="Run whose audit log to verify."),
-    keys: Optional[Path] = typer.Option(None, "--keys", help="Key directory holding the registry (default: the one the run used)."),
-    runs_dir: Optional[Path] = typer.Option(None, help=RUNS_DIR_HELP),
+    keys: Optional[Path] = typer.Option(None, "--keys", click_type=PATH, help="Key directory holding the registry (default: the one the run used)."),
+    runs_dir: Optional[Path] = typer.Option(None, click_type=PATH, help=RUNS_DIR_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print JSON to stdout."),
 ) -> None:
     """Check a run's audit log: hash chain, every entry, and the signed head."""
@@ -507,7 +524,7 @@ app.add_typer(certs_app, name="certs")
 @certs_app.command("init")
 @user_errors
 def certs_init(
-    directory: Path = typer.Argument(..., help="Folder to create ca.crt, ca.key, server.pem and server.key in."),
+    directory: Path = typer.Argument(..., click_type=PATH, help="Folder to create ca.crt, ca.key, server.pem and server.key in."),
     host: Optional[list[str]] = typer.Option(None, "--host", help="Name or IP address clients use to reach the SuperLink; repeat for several (default: 127.0.0.1 and localhost)."),
     days: int = typer.Option(365, help="Validity in days."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON to stdout."),
@@ -539,15 +556,15 @@ def _serve(cmd: list[str], env: dict, name: str, verbose: bool, log_file: Option
 @app.command()
 @user_errors
 def superlink(
-    certs: Optional[Path] = typer.Option(None, "--certs", metavar="DIR", help="Certificates from `fedaudit certs init DIR` (TLS, the default)."),
+    certs: Optional[Path] = typer.Option(None, "--certs", metavar="DIR", click_type=PATH, help="Certificates from `fedaudit certs init DIR` (TLS, the default)."),
     insecure: bool = typer.Option(False, "--insecure", help="Plain text instead of TLS: only on a network you trust."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on; 0.0.0.0 for every interface (SuperNodes on other hosts)."),
     port: int = typer.Option(9093, help="Port for the SuperNodes and `fedaudit run` (Fleet, Control and ServerAppIo APIs)."),
-    keys: Optional[Path] = typer.Option(None, "--keys", metavar="DIR", help="Server keys from `fedaudit keys init` (needed for encrypted runs, the default)."),
+    keys: Optional[Path] = typer.Option(None, "--keys", metavar="DIR", click_type=PATH, help="Server keys from `fedaudit keys init` (needed for encrypted runs, the default)."),
     keys_passphrase_env: Optional[str] = typer.Option(None, help="Environment variable holding the server keys' passphrase."),
-    runs_dir: Optional[Path] = typer.Option(None, help="Run store of the server side (default ./fedaudit-runs, or $FEDAUDIT_RUNS_DIR)."),
-    database: Optional[Path] = typer.Option(None, help="Flower's state database (default: <runs-dir>/superlink.db)."),
-    log_file: Optional[Path] = typer.Option(None, help="Write Flower's output here instead of hiding it."),
+    runs_dir: Optional[Path] = typer.Option(None, click_type=PATH, help="Run store of the server side (default ./fedaudit-runs, or $FEDAUDIT_RUNS_DIR)."),
+    database: Optional[Path] = typer.Option(None, click_type=PATH, help="Flower's state database (default: <runs-dir>/superlink.db)."),
+    log_file: Optional[Path] = typer.Option(None, click_type=PATH, help="Write Flower's output here instead of hiding it."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Flower's output."),
 ) -> None:
     """Start a Flower SuperLink in the foreground; SIGTERM or Ctrl-C stops it and its children."""
@@ -563,15 +580,15 @@ def superlink(
 @user_errors
 def supernode(
     superlink_address: str = typer.Option(..., "--superlink", metavar="HOST:PORT", help="The SuperLink to connect to."),
-    root_certificates: Optional[Path] = typer.Option(None, "--root-certificates", metavar="CA_FILE", help="CA certificate that signed the SuperLink's (from `fedaudit certs init`)."),
+    root_certificates: Optional[Path] = typer.Option(None, "--root-certificates", metavar="CA_FILE", click_type=PATH, help="CA certificate that signed the SuperLink's (from `fedaudit certs init`)."),
     insecure: bool = typer.Option(False, "--insecure", help="Plain text instead of TLS: only on a network you trust."),
     partition_id: int = typer.Option(..., help="This node's client id (0..N-1): which key and, without --data-dir, which partition it uses."),
     num_partitions: int = typer.Option(..., help="Number of clients in the federation."),
     port: int = typer.Option(9094, help="Local port for this node's ClientApp API; every SuperNode on one host needs its own."),
-    keys: Optional[Path] = typer.Option(None, "--keys", metavar="DIR", help="Holds this client's private key (client-<id>.x25519.pem) and registry.json; without it the node takes unencrypted runs only."),
+    keys: Optional[Path] = typer.Option(None, "--keys", metavar="DIR", click_type=PATH, help="Holds this client's private key (client-<id>.x25519.pem) and registry.json; without it the node takes unencrypted runs only."),
     keys_passphrase_env: Optional[str] = typer.Option(None, help="Environment variable holding this client's key passphrase."),
-    data_dir: Optional[Path] = typer.Option(None, "--data-dir", metavar="PATH", help="This node's own data: one .csv/.parquet file, or a folder holding one (default: its partition of the run's dataset)."),
-    log_file: Optional[Path] = typer.Option(None, help="Write Flower's output here instead of hiding it."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", metavar="PATH", click_type=PATH, help="This node's own data: one .csv/.parquet file, or a folder holding one (default: its partition of the run's dataset)."),
+    log_file: Optional[Path] = typer.Option(None, click_type=PATH, help="Write Flower's output here instead of hiding it."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Flower's output."),
 ) -> None:
     """Start a Flower SuperNode in the foreground; SIGTERM or Ctrl-C stops it and its children."""
@@ -704,7 +721,7 @@ def _print_audit(report: dict) -> None:
 def audit_command(
     run_id: str = typer.Argument(..., help="Run to audit (its stored final model)."),
     baseline: Optional[str] = typer.Option(None, "--baseline", metavar="RUN_ID", help="Run to measure the accuracy drop and per-class recall drop against (usually non-private)."),
-    html_path: Optional[Path] = typer.Option(None, "--html", metavar="PATH", help="Also write a self-contained HTML report."),
+    html_path: Optional[Path] = typer.Option(None, "--html", metavar="PATH", click_type=PATH, help="Also write a self-contained HTML report."),
     max_epsilon: Optional[float] = typer.Option(None, help="Gate: every privacy unit's epsilon <= this (a non-private run fails)."),
     min_accuracy: Optional[float] = typer.Option(None, help="Gate: test accuracy >= this."),
     max_accuracy_drop: Optional[float] = typer.Option(None, help="Gate: baseline accuracy - this run's accuracy <= this (needs --baseline)."),
@@ -712,7 +729,7 @@ def audit_command(
     max_mia_auc: Optional[float] = typer.Option(None, help="Gate: AUC of the strongest membership-inference attack <= this."),
     reference_models: int = typer.Option(2, "--reference-models", metavar="K", help="Reference models for the membership-inference reference attack (0 disables it)."),
     canary_scan: bool = typer.Option(False, "--canary-scan", help="Canary audit: scan (k+, k-) for the best guesses; flagged, and not a valid bound."),
-    runs_dir: Optional[Path] = typer.Option(None, help=RUNS_DIR_HELP),
+    runs_dir: Optional[Path] = typer.Option(None, click_type=PATH, help=RUNS_DIR_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object to stdout."),
 ) -> None:
     """Audit a stored run: utility, robustness, error analysis, privacy, and optional gates."""
@@ -744,8 +761,8 @@ def audit_command(
 @user_errors
 def compare_command(
     run_ids: list[str] = typer.Argument(..., metavar="RUN_A RUN_B [RUN_C...]", help="Runs to compare; differences are against the first."),
-    html_path: Optional[Path] = typer.Option(None, "--html", metavar="PATH", help="Also write a self-contained HTML report."),
-    runs_dir: Optional[Path] = typer.Option(None, help=RUNS_DIR_HELP),
+    html_path: Optional[Path] = typer.Option(None, "--html", metavar="PATH", click_type=PATH, help="Also write a self-contained HTML report."),
+    runs_dir: Optional[Path] = typer.Option(None, click_type=PATH, help=RUNS_DIR_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object to stdout."),
 ) -> None:
     """Audit several runs and show them side by side, with differences against the first."""
@@ -789,7 +806,7 @@ def sweep_command(
     noise_multipliers: Optional[str] = typer.Option(None, help="Comma-separated DP-SGD noise multipliers, e.g. 0.8,1.2,2.0."),
     target_epsilons: Optional[str] = typer.Option(None, help="Comma-separated target epsilons, e.g. 1,3,8 (sigma calibrated per run)."),
     dataset: Optional[str] = typer.Option(None, help="Built-in dataset: digits, breast-cancer or synthetic."),
-    data: Optional[Path] = typer.Option(None, help="A .csv/.parquet file, or a folder with one file per client."),
+    data: Optional[Path] = typer.Option(None, click_type=PATH, help="A .csv/.parquet file, or a folder with one file per client."),
     label: Optional[str] = typer.Option(None, help="Label column of --data."),
     clients: Optional[int] = typer.Option(None, help="Number of simulated clients."),
     rounds: Optional[int] = typer.Option(None, help="Federated rounds."),
@@ -804,9 +821,9 @@ def sweep_command(
     lr: Optional[float] = typer.Option(None, help="Client learning rate."),
     max_grad_norm: Optional[float] = typer.Option(None, help="DP-SGD per-sample clipping norm."),
     delta: Optional[float] = typer.Option(None, help="Target delta (default as in `fedaudit run`)."),
-    config: Optional[Path] = typer.Option(None, "--config", help="run.toml; flags override it."),
-    html_path: Optional[Path] = typer.Option(None, "--html", metavar="PATH", help="Also write an HTML report with the privacy-utility curve."),
-    runs_dir: Optional[Path] = typer.Option(None, help=RUNS_DIR_HELP),
+    config: Optional[Path] = typer.Option(None, "--config", click_type=PATH, help="run.toml; flags override it."),
+    html_path: Optional[Path] = typer.Option(None, "--html", metavar="PATH", click_type=PATH, help="Also write an HTML report with the privacy-utility curve."),
+    runs_dir: Optional[Path] = typer.Option(None, click_type=PATH, help=RUNS_DIR_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object to stdout."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Flower and Ray logs."),
 ) -> None:
@@ -883,7 +900,7 @@ def sweep_command(
 @app.command()
 @user_errors
 def demo(
-    runs_dir: Optional[Path] = typer.Option(None, help=RUNS_DIR_HELP),
+    runs_dir: Optional[Path] = typer.Option(None, click_type=PATH, help=RUNS_DIR_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print JSON to stdout."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Flower and Ray logs."),
 ) -> None:

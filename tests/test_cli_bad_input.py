@@ -154,6 +154,15 @@ def test_a_stored_error_is_shown_without_terminal_colour_codes(tmp_path):
     assert json.loads(result.stdout)["error"] == "(ClientAppActor pid=1) RayTaskError: boom"
 
 
+@pytest.mark.parametrize("args, named", [(["keys", "init", ""], "'DIRECTORY'"), (["run", "--data", "", "--label", "y"], "'--data'"),
+                                         (["runs", "--runs-dir", " "], "'--runs-dir'"), (["superlink", "--insecure", "--database", ""], "'--database'")])
+def test_an_empty_path_is_refused_not_read_as_the_current_folder(args, named, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and f"Invalid value for {named}: is empty" in result.stderr, result.output
+    assert not any(tmp_path.iterdir())
+
+
 def test_runs_json_is_one_object(tmp_path):
     import json
 
