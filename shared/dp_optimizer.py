@@ -127,14 +127,23 @@ RECORDWISE_LEAVES = (nn.Flatten, nn.Identity, nn.ReLU, nn.LeakyReLU, nn.Tanh, nn
 
 
 def supports_bookkeeping(model: nn.Module) -> bool:
-    """Whether every trainable parameter of ``model`` is a linear layer's, and every other
-    leaf module is one of :data:`RECORDWISE_LEAVES`."""
+    """Whether every parameter of ``model`` is the own, trainable weight or bias of one
+    linear layer, and every other leaf module is one of :data:`RECORDWISE_LEAVES` that
+    keeps one row per record."""
     leaves = [m for m in model.modules() if not any(True for _ in m.children())]
-    linear = {id(p) for m in leaves if isinstance(m, nn.Linear) for p in m.parameters()}
+    linear = [m for m in leaves if isinstance(m, nn.Linear)]
+    owned = [p for m in linear for p in m.parameters(recurse=False)]
     return (
         bool(linear)
-        and all(isinstance(m, (nn.Linear,) + RECORDWISE_LEAVES) for m in leaves)
-        and all(p.requires_grad and id(p) in linear for p in model.parameters())
+        and all(isinstance(m, RECORDWISE_LEAVES) for m in leaves if not isinstance(m, nn.Linear))
+        # Flatten(start_dim=0) would turn one record into several rows, each clipped alone.
+        and all(m.start_dim >= 1 for m in leaves if isinstance(m, nn.Flatten))
+        # A parametrised or weight-normed layer computes its weight from other tensors.
+        and all(set(dict(m.named_parameters(recurse=False))) <= {"weight", "bias"} and not hasattr(m, "parametrizations") for m in linear)
+        # A weight shared between layers gets gradients from both: its norm is no longer one layer's.
+        and len({id(p) for p in owned}) == len(owned)
+        and {id(p) for p in model.parameters()} == {id(p) for p in owned}
+        and all(p.requires_grad for p in owned)
     )
 
 
@@ -159,20 +168,28 @@ class LinearInputsAndGradients:
         self.layers = [m for m in model.modules() if isinstance(m, nn.Linear)]
         self._inputs: dict[nn.Linear, torch.Tensor] = {}
         self._gradients: dict[nn.Linear, torch.Tensor] = {}
-        self._handles = [layer.register_forward_hook(self._record_input) for layer in self.layers]
+        self._records: int | None = None
+        # The model's own input gives the number of records: every layer must see one row each.
+        self._handles = [model.register_forward_pre_hook(self._record_batch)]
+        self._handles += [layer.register_forward_hook(self._record_input) for layer in self.layers]
 
     @property
     def pending(self) -> bool:
         """Whether a forward pass has been recorded since the last :meth:`take`."""
         return bool(self._inputs)
 
+    def _record_batch(self, model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        if torch.is_grad_enabled():
+            self._records = len(inputs[0])
+
     def _record_input(self, layer: nn.Linear, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
         if not (torch.is_grad_enabled() and output.requires_grad):
             return  # evaluation: nothing will be backpropagated
         if layer in self._inputs:
             raise RuntimeError("a linear layer ran twice in one step; book-keeping needs one call per layer per step")
-        if inputs[0].dim() != 2:
-            raise RuntimeError(f"book-keeping needs one input row per record, got a {inputs[0].dim()}-d input")
+        if inputs[0].dim() != 2 or len(inputs[0]) != self._records:
+            raise RuntimeError(f"book-keeping needs one input row per record ({self._records} records), "
+                               f"got an input of shape {tuple(inputs[0].shape)}")
         self._inputs[layer] = inputs[0].detach()
         output.register_hook(partial(self._record_gradient, layer))
 

@@ -171,8 +171,12 @@ def train_local(
         # Per-record norms and clipped sums from each linear layer's inputs and output
         # gradients, with the summed loss below (shared/dp_optimizer.py).
         recorder = LinearInputsAndGradients(model, loss_reduction="sum")
-        opt = BookkeepingDPOptimizer(opt, recorder=recorder, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
-                                     expected_batch_size=expected_batch_size, generator=generator)
+        try:
+            opt = BookkeepingDPOptimizer(opt, recorder=recorder, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
+                                         expected_batch_size=expected_batch_size, generator=generator)
+        except BaseException:
+            recorder.close()
+            raise
     elif dp is not None:
         # The engine's own accountant is unused: the client's ledger in Context.state
         # is the single source of truth, and it spans every round.

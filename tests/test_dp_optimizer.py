@@ -187,9 +187,25 @@ def test_the_linear_models_train_with_bookkeeping_and_the_cnn_does_not():
     assert not supports_bookkeeping(build_model("cnn", 64, 10, 8))
     with pytest.raises(ValueError, match="nn.Linear"):
         LinearInputsAndGradients(build_model("cnn", 64, 10, 8))
-    # A module that could mix records, or a parameter outside a linear layer, is refused.
-    assert not supports_bookkeeping(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4)))
-    assert not supports_bookkeeping(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Softmax(dim=0)))
+    nn = torch.nn
+    assert supports_bookkeeping(nn.Sequential(nn.Flatten(), nn.Linear(4, 4, bias=False), nn.Tanh(), nn.Linear(4, 2)))
+    # A module that could mix records or split one into several rows is refused...
+    assert not supports_bookkeeping(nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)))
+    assert not supports_bookkeeping(nn.Sequential(nn.Linear(4, 4), nn.Softmax(dim=0)))
+    assert not supports_bookkeeping(nn.Sequential(nn.Flatten(0, 1), nn.Linear(4, 4)))
+    # ...and so is any parameter that is not one linear layer's own trainable weight or bias.
+    stray = nn.Sequential(nn.Linear(4, 4))
+    stray.scale = nn.Parameter(torch.ones(4))
+    frozen = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    frozen[0].weight.requires_grad_(False)
+    tied = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+    tied[2].weight = tied[0].weight
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # weight_norm's deprecation
+        normed = nn.Sequential(torch.nn.utils.weight_norm(nn.Linear(4, 4)))
+    parametrized = nn.Sequential(torch.nn.utils.parametrizations.weight_norm(nn.Linear(4, 4)))
+    for model in (stray, frozen, tied, normed, parametrized):
+        assert not supports_bookkeeping(model), model
 
 
 @pytest.mark.parametrize("name", LINEAR_MODELS)
@@ -246,6 +262,19 @@ def test_bookkeeping_refuses_what_would_make_its_norms_wrong():
     with pytest.raises(RuntimeError, match="one input row per record"):
         model.net[1](x.reshape(BATCH, 1, 64))
     opt.zero_grad()
+
+    class SplitsRecords(torch.nn.Module):  # two rows per record, each of which would be clipped alone
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(32, 10)
+
+        def forward(self, x):
+            return self.linear(x.reshape(2 * len(x), 32))
+
+    LinearInputsAndGradients(split := SplitsRecords())
+    with pytest.raises(RuntimeError, match=r"one input row per record \(16 records\), got an input of shape \(32, 32\)"):
+        split(x)
+    opt.zero_grad()
     loss = torch.nn.functional.cross_entropy(model(x), y, reduction="sum")
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="two backward passes"):
@@ -265,7 +294,8 @@ def test_evaluation_under_no_grad_records_nothing():
 
 
 @pytest.mark.parametrize("name", LINEAR_MODELS)
-def test_training_with_bookkeeping_gives_the_weights_expanded_weights_give(name):
+@pytest.mark.parametrize("clip", [0.5, 100.0])  # every record clipped; most not
+def test_training_with_bookkeeping_gives_the_weights_expanded_weights_give(name, clip):
     # Same seed: same Poisson batches, same noise, so the same model after two epochs,
     # empty batches included (q = 1/16 over 20 records makes them likely).
     rng = np.random.default_rng(0)
@@ -276,7 +306,7 @@ def test_training_with_bookkeeping_gives_the_weights_expanded_weights_give(name)
         model = build_model(name, 64, 10)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            result = train_local(model, x, y, epochs=2, batch_size=2, learning_rate=0.5, dp=DPSettings(0.7, 0.5),
+            result = train_local(model, x, y, epochs=2, batch_size=2, learning_rate=0.5, dp=DPSettings(0.7, clip),
                                  grad_sample_mode=mode, seed=9, proximal_mu=0.1)
         return model, result
 
@@ -286,7 +316,7 @@ def test_training_with_bookkeeping_gives_the_weights_expanded_weights_give(name)
     torch.testing.assert_close(torch.cat([p.detach().reshape(-1) for p in model.parameters()]),
                                torch.cat([p.detach().reshape(-1) for p in reference.parameters()]), rtol=1e-4, atol=1e-5)
     # Training removed its hooks: the caller's model is a plain module again.
-    assert not any(m._forward_hooks for m in model.modules())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
 def test_training_uses_the_step_the_benchmark_recorded_as_fastest():
@@ -294,3 +324,11 @@ def test_training_uses_the_step_the_benchmark_recorded_as_fastest():
 
     assert dp_step.BOOKKEEPING == BOOKKEEPING
     assert {name: mode.removesuffix(dp_step.FUSED) for name, mode in dp_step.fastest_modes().items()} == GRAD_SAMPLE_MODE
+
+
+def test_training_removes_its_hooks_when_it_fails():
+    model = build_model("mlp", 64, 10)
+    x, y = np.zeros((20, 64), dtype=np.float32), np.full(20, 99)  # label 99 of 10 classes
+    with pytest.raises(IndexError):
+        train_local(model, x, y, epochs=1, batch_size=5, learning_rate=0.1, dp=DPSettings(1.0, 1.0), grad_sample_mode=BOOKKEEPING, seed=0)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
