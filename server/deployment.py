@@ -63,17 +63,16 @@ def _check_port_free(host: str, port: int) -> None:
 
 
 def _check_state_database(path: Path) -> None:
-    """Flower's SuperLink exits 1 without a word on a state database it cannot open."""
+    """Flower's SuperLink exits 1 without a word on a state database it cannot open.
+    Only reads: its folder is made once every check has passed."""
     import sqlite3
-
-    from shared.errors import make_dir
+    from contextlib import closing
 
     if path.is_dir():
         raise BadInput(f"--database {path} is a folder; give a file for Flower's state database")
-    make_dir(path.parent, "folder of --database")
     if path.exists():
         try:
-            with sqlite3.connect(path.as_uri() + "?mode=ro", uri=True) as conn:
+            with closing(sqlite3.connect(path.as_uri() + "?mode=ro", uri=True)) as conn:
                 conn.execute("SELECT name FROM sqlite_master LIMIT 1").fetchall()
         except sqlite3.Error as exc:
             raise BadInput(f"--database {path} is not a usable SQLite database: {exc}") from None
@@ -104,10 +103,11 @@ def superlink_launch(*, certs: str | Path | None, insecure: bool, host: str, por
     database = Path(database or runs / "superlink.db").resolve()
     command = superlink_command(certs=certs, insecure=insecure, host=host, port=port, database=database)
     _check_port_free(host, port)
-    _check_state_database(database)
     if log_file is not None:
         open_log(Path(log_file)).close()  # named before anything is written
+    _check_state_database(database)
     make_dir(runs, "run store")
+    make_dir(database.parent, "folder of --database")
     mode = "plain text (--insecure)" if insecure else f"TLS with {Path(certs).resolve()}"
     banner = f"SuperLink on {host}:{port}, {mode}; server run store {runs}" + ("" if keys else "; no --keys: encrypted runs will be refused")
     return SuperLinkLaunch(command, environment, banner)
