@@ -51,9 +51,6 @@ import torch
 from opacus.optimizers.optimizer import DPOptimizer
 from torch import nn
 
-# The name training and the bench give the book-keeping path, beside Opacus's modes.
-BOOKKEEPING = "bookkeeping"
-
 
 class FusedDPOptimizer(DPOptimizer):
     """:class:`~opacus.optimizers.DPOptimizer` with clipping, noise and scaling fused.
@@ -252,10 +249,9 @@ class BookkeepingDPOptimizer(FusedDPOptimizer):
             return super().pre_step(closure)
         if self._step_skip_queue:
             raise RuntimeError("book-keeping does not skip steps")
-        records = self.recorder.take()
+        records = [(layer, inputs.to(grads.dtype), grads) for layer, inputs, grads in self.recorder.take()]
         squared = None
         for layer, inputs, grads in records:
-            inputs = inputs.to(grads.dtype)
             # ||g a^T||^2 = ||g||^2 ||a||^2, and the bias's gradient is g itself.
             per_record = grads.square().sum(1) * (inputs.square().sum(1) + (layer.bias is not None))
             squared = per_record if squared is None else squared + per_record
@@ -266,7 +262,7 @@ class BookkeepingDPOptimizer(FusedDPOptimizer):
         for layer, inputs, grads in records:
             weight = layer.weight
             # Replaces the unclipped gradient autograd accumulated.
-            weight.grad = update[id(weight)].view_as(weight).addmm_((grads * factor[:, None]).t(), inputs.to(grads.dtype))
+            weight.grad = update[id(weight)].view_as(weight).addmm_((grads * factor[:, None]).t(), inputs)
             if layer.bias is not None:
                 layer.bias.grad = update[id(layer.bias)].addmv_(grads.t(), factor)
         return self._stepped()

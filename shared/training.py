@@ -11,7 +11,6 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from shared.dp_optimizer import BOOKKEEPING
 from shared.planner import batches_per_epoch
 
 OPTIMIZERS = ("sgd", "adam")
@@ -19,6 +18,9 @@ OPTIMIZERS = ("sgd", "adam")
 # Fastest correct DP-SGD step per built-in model, measured by `python -m bench.dp_step`:
 # book-keeping (shared/dp_optimizer.py) where every trainable layer is linear, and
 # Opacus's expanded weights with the fused optimizer for the cnn's convolutions.
+# The name of the book-keeping step beside Opacus's modes. Opacus itself is imported only
+# when a private step is built: importing it here cost every ClientApp start about 2 s.
+BOOKKEEPING = "bookkeeping"
 GRAD_SAMPLE_MODE = {"logreg": BOOKKEEPING, "mlp": BOOKKEEPING, "cnn": "ew"}
 
 

@@ -10,14 +10,13 @@ from opacus.optimizers import DPOptimizer
 from torch.utils.data import DataLoader, TensorDataset
 
 from shared.dp_optimizer import (
-    BOOKKEEPING,
     BookkeepingDPOptimizer,
     FusedDPOptimizer,
     LinearInputsAndGradients,
     supports_bookkeeping,
 )
 from shared.models import MODELS, build_model
-from shared.training import GRAD_SAMPLE_MODE, DPSettings, train_local
+from shared.training import BOOKKEEPING, GRAD_SAMPLE_MODE, DPSettings, train_local
 
 LINEAR_MODELS = [name for name in MODELS if GRAD_SAMPLE_MODE[name] == BOOKKEEPING]
 
@@ -332,3 +331,14 @@ def test_training_removes_its_hooks_when_it_fails():
     with pytest.raises(IndexError):
         train_local(model, x, y, epochs=1, batch_size=5, learning_rate=0.1, dp=DPSettings(1.0, 1.0), grad_sample_mode=BOOKKEEPING, seed=0)
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def test_the_client_app_starts_without_importing_opacus():
+    # Every simulation actor imports the ClientApp; Opacus (about 2 s) waits for a private step.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = "import sys, clients.app; print('opacus' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert result.returncode == 0 and result.stdout.strip() == "False", result.stderr[-2000:]
