@@ -48,8 +48,9 @@ backward pass, so no B x out x in per-sample gradient is ever built. It passes t
 checks on logreg and the mlp, and refuses the cnn (convolutions). Mean of batch 32 and 64:
 logreg 1.98x, mlp 2.07x (ew+fused 2.56x and 2.68x in the same run), cnn ew+fused 1.82x;
 two more runs on a quiet box, after the per-record row check: logreg 1.87x / 1.91x, mlp
-1.94x / 2.00x (ew+fused 2.93x / 2.78x), cnn 1.88x / 1.89x: **every built-in model meets 2.5x**. At batch 256 book-keeping stays at 1.9x on both, where
-the mlp's expanded weights page-fault their per-sample gradients (ew+fused 4.8x).
+1.94x / 2.00x (ew+fused 2.93x / 2.78x), cnn 1.88x / 1.89x: **every built-in model meets
+2.5x**. At batch 256 book-keeping stays at 1.7-2.1x on both, where the mlp's expanded
+weights page-fault their per-sample gradients (ew+fused 4.8x).
 
 Earlier record with the fused optimizer (2026-12-03, quiet 2-core box, ``--quick`` twice)
 -----------------------------------------------------------------------------------------

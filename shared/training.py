@@ -15,12 +15,12 @@ from shared.planner import batches_per_epoch
 
 OPTIMIZERS = ("sgd", "adam")
 
-# Fastest correct DP-SGD step per built-in model, measured by `python -m bench.dp_step`:
-# book-keeping (shared/dp_optimizer.py) where every trainable layer is linear, and
-# Opacus's expanded weights with the fused optimizer for the cnn's convolutions.
 # The name of the book-keeping step beside Opacus's modes. Opacus itself is imported only
 # when a private step is built: importing it here cost every ClientApp start about 2 s.
 BOOKKEEPING = "bookkeeping"
+# Fastest correct DP-SGD step per built-in model, measured by `python -m bench.dp_step`:
+# book-keeping (shared/dp_optimizer.py) where every trainable layer is linear, and
+# Opacus's expanded weights with the fused optimizer for the cnn's convolutions.
 GRAD_SAMPLE_MODE = {"logreg": BOOKKEEPING, "mlp": BOOKKEEPING, "cnn": "ew"}
 
 
@@ -169,37 +169,37 @@ def train_local(
         # Opacus's int(len(dataset) q) would move with the number of canaries included.
         expected_batch_size = public / num_batches
 
-    if dp is not None and grad_sample_mode == BOOKKEEPING:
-        # Per-record norms and clipped sums from each linear layer's inputs and output
-        # gradients, with the summed loss below (shared/dp_optimizer.py).
-        recorder = LinearInputsAndGradients(model, loss_reduction="sum")
-        try:
-            opt = BookkeepingDPOptimizer(opt, recorder=recorder, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
-                                         expected_batch_size=expected_batch_size, generator=generator)
-        except BaseException:
-            recorder.close()
-            raise
-    elif dp is not None:
-        # The engine's own accountant is unused: the client's ledger in Context.state
-        # is the single source of truth, and it spans every round.
-        engine = PrivacyEngine(accountant="prv", secure_mode=False)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            train_model, opt, loader = engine.make_private(
-                module=model,
-                optimizer=opt,
-                data_loader=loader,
-                noise_multiplier=dp.noise_multiplier,
-                max_grad_norm=dp.max_grad_norm,
-                # The loader above already samples each record with probability q.
-                poisson_sampling=False,
-                # Per-sample gradients of the summed loss; the optimizer takes the mean.
-                loss_reduction="sum",
-                grad_sample_mode=grad_sample_mode,
-                noise_generator=generator,
-            )
-        # The same mechanism in fewer operations (shared/dp_optimizer.py).
-        opt = FusedDPOptimizer.replacing(opt, expected_batch_size=expected_batch_size, generator=generator)
+        if grad_sample_mode == BOOKKEEPING:
+            # Per-record norms and clipped sums from each linear layer's inputs and output
+            # gradients, with the summed loss below (shared/dp_optimizer.py).
+            recorder = LinearInputsAndGradients(model, loss_reduction="sum")
+            try:
+                opt = BookkeepingDPOptimizer(opt, recorder=recorder, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
+                                             expected_batch_size=expected_batch_size, generator=generator)
+            except BaseException:
+                recorder.close()
+                raise
+        else:
+            # The engine's own accountant is unused: the client's ledger in Context.state
+            # is the single source of truth, and it spans every round.
+            engine = PrivacyEngine(accountant="prv", secure_mode=False)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                train_model, opt, loader = engine.make_private(
+                    module=model,
+                    optimizer=opt,
+                    data_loader=loader,
+                    noise_multiplier=dp.noise_multiplier,
+                    max_grad_norm=dp.max_grad_norm,
+                    # The loader above already samples each record with probability q.
+                    poisson_sampling=False,
+                    # Per-sample gradients of the summed loss; the optimizer takes the mean.
+                    loss_reduction="sum",
+                    grad_sample_mode=grad_sample_mode,
+                    noise_generator=generator,
+                )
+            # The same mechanism in fewer operations (shared/dp_optimizer.py).
+            opt = FusedDPOptimizer.replacing(opt, expected_batch_size=expected_batch_size, generator=generator)
 
     train_model.train()
     steps, loss_sum, seen = 0, 0.0, 0
