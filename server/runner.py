@@ -19,6 +19,7 @@ from pathlib import Path
 
 import tomli_w
 
+from server.dispatch import prompt_dispatch
 from server.federation import RoundReport, ServerJob
 from shared import planner, privacy, processes
 from shared.canaries import SECRET_FILE, draw_secret, save_secret
@@ -253,13 +254,14 @@ def run_simulation_job(
     previous = _stop_on_interrupt(job, store)
     try:
         _start_ray(backend_config)
-        run_simulation(
-            server_app=make_server_app(job),
-            client_app=client_app,
-            num_supernodes=job.config.nodes,
-            backend_config=backend_config,
-            verbose_logging=verbose,
-        )
+        with prompt_dispatch():
+            run_simulation(
+                server_app=make_server_app(job),
+                client_app=client_app,
+                num_supernodes=job.config.nodes,
+                backend_config=backend_config,
+                verbose_logging=verbose,
+            )
         if not job.result:
             error = "the simulation ended before the server finished its rounds"
     except Exception as exc:  # the run is recorded as failed with the reason
