@@ -40,7 +40,7 @@ import warnings
 import torch
 
 from clients.app import app_for_job
-from server.runner import prepare_run, run_simulation_job
+from server.runner import preflight, prepare_run, run_simulation_job
 from shared.config import resolve
 from shared.data import client_data, prepare
 from shared.evaluation import evaluate
@@ -102,15 +102,15 @@ def main() -> None:
     )
     parallel = max(1, int(2 // args.cpus_per_client))
     runs_dir = tempfile.mkdtemp(prefix="fedaudit-bench-")
-    job = prepare_run(cfg, runs_dir)
+    model_name = preflight(cfg).model_name
     meta = prepare(cfg.data_spec).meta
-    weights = state_to_numpy(build_model(job.model_name, meta.num_features, meta.num_classes, meta.image_side))
+    weights = state_to_numpy(build_model(model_name, meta.num_features, meta.num_classes, meta.image_side))
 
     def plain_block() -> list[float]:
         nonlocal weights
         times = []
         for r in range(args.rounds):
-            seconds, weights = plain_round(cfg, job.model_name, weights, r + 1)
+            seconds, weights = plain_round(cfg, model_name, weights, r + 1)
             times.append(seconds)
         return times
 
@@ -118,8 +118,8 @@ def main() -> None:
     # compared with the plain rounds timed just before and just after it.
     blocks = [plain_block()]
     trials = []
-    for repeat in range(args.repeats):
-        job = prepare_run(cfg, runs_dir) if repeat else job
+    for _ in range(args.repeats):
+        job = prepare_run(cfg, runs_dir)
         started = time.perf_counter()
         outcome = run_simulation_job(job, app_for_job(job))
         wall = time.perf_counter() - started
@@ -129,15 +129,16 @@ def main() -> None:
         # Round 1 also pays for each actor's first imports and data load; count it as start-up.
         steady = statistics.median(round_times[1:]) if len(round_times) > 1 else round_times[0]
         sequential = statistics.median(blocks[-2] + blocks[-1])
-        trials.append({"wall": wall, "startup": wall - sum(round_times) + (round_times[0] - steady), "steady": steady,
-                       "sequential": sequential, "overhead": (steady - sequential / parallel) / (sequential / parallel)})
+        trials.append({"wall": wall, "startup": wall - sum(round_times) + (round_times[0] - steady), "steady": steady, "plain": sequential / parallel})
+    for trial in trials:
+        trial["overhead"] = (trial["steady"] - trial["plain"]) / trial["plain"]
     middle = sorted(trials, key=lambda t: t["overhead"])[len(trials) // 2]
-    wall, startup, steady, sequential = middle["wall"], middle["startup"], middle["steady"], middle["sequential"]
-    plain = sequential / parallel
+    wall, startup, steady, plain = middle["wall"], middle["startup"], middle["steady"], middle["plain"]
+    sequential = plain * parallel
     dataset = cfg.dataset_name
     if dataset == "synthetic":
         dataset += f" ({cfg.samples} records, {cfg.features} features, {cfg.classes} classes)"
-    print(f"fedaudit run: {dataset}, {cfg.clients} clients, {cfg.rounds} rounds, model {job.model_name}, "
+    print(f"fedaudit run: {dataset}, {cfg.clients} clients, {cfg.rounds} rounds, model {model_name}, "
           f"{cfg.local_epochs} local epoch(s), dp={cfg.dp}, "
           f"{parallel} client(s) in parallel")
     print(f"  wall time                     {wall:8.2f} s")
