@@ -110,7 +110,8 @@ def main() -> None:
     # Ray starts cores / cpus-per-client actors, but no more of them than there are cores
     # compute at once: the ideal loop is never credited with more parallelism than that.
     cores = os.cpu_count() or 1
-    parallel = max(1, min(cores, int(cores // args.cpus_per_client)))
+    actors = int(cores // args.cpus_per_client)
+    parallel = max(1, min(cores, actors))
     runs_dir = tempfile.mkdtemp(prefix="fedaudit-bench-")
     model_name = preflight(cfg).model_name
     meta = prepare(cfg.data_spec).meta
@@ -150,7 +151,7 @@ def main() -> None:
         dataset += f" ({cfg.samples} records, {cfg.features} features, {cfg.classes} classes)"
     print(f"fedaudit run: {dataset}, {cfg.clients} clients, {cfg.rounds} rounds, model {model_name}, "
           f"{cfg.local_epochs} local epoch(s), dp={cfg.dp}, "
-          f"{parallel} client(s) computing at once ({int(cores // args.cpus_per_client)} actors)")
+          f"{parallel} client(s) computing at once ({actors} actors)")
     print(f"  wall time                     {wall:8.2f} s")
     print(f"  fixed start-up + shutdown     {startup:8.2f} s")
     print(f"  per round (median, rounds 2+) {steady:8.3f} s")
