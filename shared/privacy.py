@@ -82,6 +82,42 @@ def _rdp_epsilon(entries: Sequence[LedgerEntry], delta: float) -> float:
 PRV_EPS_ERROR = 0.01  # Opacus PRVAccountant.get_epsilon's default
 
 
+@lru_cache(maxsize=1)
+def _truncated_prv_class():
+    from opacus.accountants.analysis.prv import TruncatedPrivacyRandomVariable
+
+    class ScalarFastTruncatedPRV(TruncatedPrivacyRandomVariable):
+        """Opacus's truncated PRV, whose scalar cdf gives the same floats in half the time.
+
+        ``mean()`` integrates the cdf with ``scipy.integrate.quad``, one Python float at a
+        time, over a thousand calls per query: about 70% of a PRV query after a few
+        rounds. Each scalar call of the parent's cdf evaluates the untruncated cdf twice
+        (at ``t`` and at the constant ``t_min``) inside two ``np.where``; here the
+        constant is computed once, in the same way, and the branches are plain
+        comparisons. The values are bit for bit the parent's (``tests/test_privacy.py``),
+        so epsilon still equals a fresh Opacus accountant's. Arrays take the parent's path.
+        """
+
+        def __init__(self, prv, t_min: float, t_max: float) -> None:
+            super().__init__(prv, t_min, t_max)
+            self._cdf_at_t_min = self._prv.cdf(t_min)
+
+        def cdf(self, t):
+            if not isinstance(t, float):
+                return super().cdf(t)
+            if t < self.t_min:
+                return 0.0
+            if t < self.t_max:
+                return (self._prv.cdf(t) - self._cdf_at_t_min) / self._remaining_mass
+            return 1.0
+
+    return ScalarFastTruncatedPRV
+
+
+def _truncated_prv(prv, t_min: float, t_max: float):
+    return _truncated_prv_class()(prv, t_min, t_max)
+
+
 def _prv_epsilon(entries: Sequence[LedgerEntry], delta: float) -> float:
     """Opacus ``PRVAccountant(history=entries).get_epsilon(delta)``: its upper bound.
 
@@ -93,7 +129,6 @@ def _prv_epsilon(entries: Sequence[LedgerEntry], delta: float) -> float:
     from opacus.accountants.analysis.prv import (
         Domain,
         PoissonSubsampledGaussianPRV,
-        TruncatedPrivacyRandomVariable,
         compose_heterogeneous,
         discretize,
     )
@@ -112,7 +147,7 @@ def _prv_epsilon(entries: Sequence[LedgerEntry], delta: float) -> float:
         # accountant handles the resulting infinities itself.
         warnings.simplefilter("ignore", RuntimeWarning)
         discrete = [
-            discretize(TruncatedPrivacyRandomVariable(PoissonSubsampledGaussianPRV(q, sigma), domain.t_min, domain.t_max), domain)
+            discretize(_truncated_prv(PoissonSubsampledGaussianPRV(q, sigma), domain.t_min, domain.t_max), domain)
             for sigma, q, _ in entries
         ]
         composed = compose_heterogeneous(dprvs=discrete, num_self_compositions=[steps for *_, steps in entries])

@@ -1,6 +1,7 @@
 """Privacy accounting against the oracle values in the reference (../shared/reference/privacy.md)."""
 
 import json
+import math
 import re
 import warnings
 
@@ -64,6 +65,21 @@ def test_cached_accounting_equals_a_fresh_opacus_accountant(ledger):
         privacy._epsilon_cached.cache_clear()
         privacy._rdp_per_step.cache_clear()
         assert privacy.epsilon(ledger, 1e-5, name) == expected  # nothing cached
+
+
+@pytest.mark.parametrize("q,sigma,t_max", [(0.2, 1.85, 12.5), (256 / 60000, 1.1, 3.7), (0.5, 0.7, 41.2), (1.0, 2.0, 9.0)])
+def test_fast_truncated_prv_gives_opacus_floats(q, sigma, t_max):
+    """The scalar cdf that quad integrates in mean(), and the mean itself, are Opacus's own floats."""
+    from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV, TruncatedPrivacyRandomVariable
+
+    prv = PoissonSubsampledGaussianPRV(q, sigma)
+    theirs, ours = TruncatedPrivacyRandomVariable(prv, -t_max, t_max), privacy._truncated_prv(prv, -t_max, t_max)
+    points = np.random.default_rng(0).uniform(-t_max - 1, t_max + 1, 3000).tolist() + [-t_max, t_max, 0.0, -1e-300]
+    if q < 1:
+        points.append(math.log(1 - q))
+    assert [float(ours.cdf(t)) for t in points] == [float(theirs.cdf(t)) for t in points]
+    assert ours.cdf(np.array(points)).tolist() == theirs.cdf(np.array(points)).tolist()
+    assert ours.mean() == theirs.mean()
 
 
 @pytest.mark.parametrize("q,sigma,steps,rdp,prv", ORACLES)
