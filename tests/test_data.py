@@ -53,6 +53,33 @@ def test_client_validation_split_is_local_and_disjoint():
     assert not any(r.tobytes() in rows for r in data.x_val)
 
 
+@pytest.mark.parametrize("partition", ["iid", "dirichlet:0.5"])
+def test_client_split_is_sklearns_split_of_the_records(partition):
+    """The cached split positions give what train_test_split gives on the records themselves."""
+    from sklearn.model_selection import train_test_split
+
+    spec = DataSpec(num_clients=5, partition=partition, val_fraction=0.15, seed=4)
+    prepared = prepare(spec)
+    for pid in range(5):
+        idx = prepared.client_indices[pid]
+        x_tr, x_val, y_tr, y_val = train_test_split(
+            prepared.x_train[idx], prepared.y_train[idx], test_size=round(0.15 * len(idx)), random_state=spec.seed + pid
+        )
+        data = client_data(spec, pid)
+        for ours, theirs in ((data.x_train, x_tr), (data.y_train, y_tr), (data.x_val, x_val), (data.y_val, y_val)):
+            assert np.array_equal(ours, theirs) and ours.dtype == theirs.dtype
+
+
+def test_changing_a_clients_records_changes_nobody_elses():
+    spec = DataSpec(num_clients=3)
+    data = client_data(spec, 1)
+    expected = client_data(spec, 1).x_train.copy()
+    data.x_train[:] = 99.0
+    data.y_val[:] = 0
+    assert np.array_equal(client_data(spec, 1).x_train, expected)
+    assert not np.any(prepare(spec).x_train == 99.0)
+
+
 def test_synthetic_flags_shape_the_data():
     prepared = prepare(DataSpec(dataset="synthetic", num_clients=4, synthetic_samples=500, synthetic_features=12, synthetic_classes=3))
     assert prepared.meta.num_features == 12 and prepared.meta.num_classes == 3
