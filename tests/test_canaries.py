@@ -151,6 +151,24 @@ def test_a_train_reply_is_the_same_with_or_without_the_canaries_it_holds(tmp_pat
     assert {k: with_canaries[k] for k in keys} == {k: without[k] for k in keys}
 
 
+def test_the_client_app_travels_as_a_reference_to_its_recipe():
+    """Flower's Ray backend pickles the ClientApp with every message: it must stay small,
+    and come out as the worker's own app for the same canaries file."""
+    import pickle
+
+    import ray.cloudpickle
+
+    from clients.app import app, build_app, shared_app
+
+    for client_app, canaries_file in ((app, None), (shared_app("/runs/r1/canaries.json"), "/runs/r1/canaries.json")):
+        for dumps in (pickle.dumps, ray.cloudpickle.dumps):
+            payload = dumps(client_app)
+            assert len(payload) < 200
+            assert pickle.loads(payload) is client_app is shared_app(canaries_file)
+    fresh = pickle.loads(pickle.dumps(build_app("/runs/r2/canaries.json")))
+    assert fresh.canaries_file == "/runs/r2/canaries.json" and fresh is shared_app("/runs/r2/canaries.json")
+
+
 def test_bad_canary_settings_are_refused():
     with pytest.raises(BadInput, match="needs --client-dp"):
         resolve(None, canary_clients=4)
