@@ -33,6 +33,12 @@ actors, 0.145 s with 4, 0.148 s with 8). A timeline of one round shows why: each
 message's 3-7 ms in Ray is work on the driver and in the actor, on the same two cores
 that train, not idle waiting that other actors could fill. The ideal loop is credited
 with at most one client per core whatever ``--cpus-per-client`` says.
+
+Last, the bench times Ray's own floor on a fresh Ray: a round's worth of empty actor
+calls (a train and an evaluate instruction per client), sent the way Flower's backend
+sends them. On the demo's workload that floor alone is over half the ideal compute
+(2026-12-06: 11.8 ms against 21 ms), so no ClientApp or server work can bring such
+rounds within 20 %.
 """
 
 from __future__ import annotations
@@ -84,6 +90,59 @@ def plain_round(cfg, model_name: str, weights: dict, round_: int, fresh_noise: b
         evaluate(model, data.x_val, data.y_val)
     evaluate(model, prepare(spec).x_test, prepare(spec).y_test)
     return time.perf_counter() - started, new
+
+
+def ray_round_floor(actors: int, messages: int, payload_bytes: int, rounds: int = 50) -> float:
+    """Median seconds for ``messages`` empty Ray actor calls, sent the way Flower's Ray
+    backend sends a round's instructions: a thread per actor, each taking the next one.
+
+    A fresh local Ray with a run's ``ray.init`` arguments, ``actors`` actors of one
+    CPU's share each, a payload the size of a train instruction, and a method that
+    returns it: what a round cannot go below on this backend, whatever the apps do.
+    """
+    import queue
+    import threading
+
+    import ray
+
+    from server.runner import ray_init_args
+
+    @ray.remote
+    class Echo:
+        def call(self, payload):
+            return payload
+
+    cores = os.cpu_count() or 1
+    ray.init(num_cpus=cores, **ray_init_args(resolve(None)))
+    try:
+        pool = [Echo.options(num_cpus=cores / actors).remote() for _ in range(actors)]
+        payload = b"x" * payload_bytes
+        ray.get([a.call.remote(payload) for a in pool])
+
+        def one_round() -> float:
+            todo: queue.Queue = queue.Queue()
+            for _ in range(messages):
+                todo.put(payload)
+
+            def drive(actor):
+                while True:
+                    try:
+                        item = todo.get_nowait()
+                    except queue.Empty:
+                        return
+                    ray.get(actor.call.remote(item))
+
+            threads = [threading.Thread(target=drive, args=(a,)) for a in pool]
+            started = time.perf_counter()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            return time.perf_counter() - started
+
+        return statistics.median(one_round() for _ in range(rounds))
+    finally:
+        ray.shutdown()
 
 
 def main() -> None:
@@ -164,6 +223,12 @@ def main() -> None:
     print(f"  that overhead in seconds      {steady - plain:8.3f} s per round: the 20% target holds once a round"
           f" computes >= {5 * (steady - plain):.2f} s on {parallel} cores")
     print(f"whole run / plain loop          {wall / (plain * cfg.rounds):8.2f} x")
+    # A round sends every client a train and an evaluate instruction; the actors take
+    # them `parallel` at a time.
+    messages = cfg.clients + round(cfg.clients * cfg.eval_fraction)
+    floor = ray_round_floor(actors, messages, payload_bytes=5000)
+    print(f"Ray's floor: {messages} empty actor calls, sent as Flower's backend sends a round, take {1000 * floor:.1f} ms"
+          f" (median of 50): {100 * floor / plain:.0f} % of the ideal compute before any client work")
 
 
 if __name__ == "__main__":
