@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from clients.encryption import client_keys
-from shared.data import node_data_file
+from shared.data import check_node_data
 from shared.protocol import NODE_DATA_DIR, NODE_KEYS_DIR, NODE_KEYS_PASSPHRASE_ENV
 
 
@@ -27,7 +27,7 @@ def supernode_config(*, partition_id: int, num_partitions: int, keys: str | Path
         config[NODE_KEYS_DIR] = str(keys)
     if data_dir is not None:
         data_dir = Path(data_dir).resolve()
-        node_data_file(data_dir)
+        check_node_data(data_dir)
         config[NODE_DATA_DIR] = str(data_dir)
     if log_file is not None:
         from shared.processes import open_log

@@ -149,7 +149,8 @@ def _builtin(spec: DataSpec) -> tuple[np.ndarray, np.ndarray, DataMeta]:
     raise BadInput(f"unknown dataset {spec.dataset!r}; choose one of {', '.join(BUILTIN_DATASETS)}")
 
 
-def _read_table(path: Path, label: str | None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def _read_frame(path: Path):
+    """``path`` as a pandas frame, refused with one clear line if it cannot serve as data."""
     import pandas as pd
 
     if not path.exists():
@@ -160,8 +161,6 @@ def _read_table(path: Path, label: str | None) -> tuple[np.ndarray, np.ndarray, 
         frame = pd.read_csv(path) if path.suffix == ".csv" else pd.read_parquet(path)
     except Exception as exc:  # pandas raises many types for unreadable files
         raise BadInput(f"cannot read data file {path}: {str(exc).splitlines()[0]}") from None
-    if not label:
-        raise BadInput("--label COLUMN is required with --data")
     if path.suffix == ".csv":
         # pandas renames a repeated header (y, y.1): a second label column would turn
         # into a feature and leak the label into training.
@@ -179,12 +178,25 @@ def _read_table(path: Path, label: str | None) -> tuple[np.ndarray, np.ndarray, 
             raise BadInput(f"repeated column name(s) in {path.name}: {', '.join(repeated)}")
     if frame.empty:
         raise BadInput(f"{path.name} has no data rows")
+    return frame
+
+
+def _non_numeric(frame) -> list[str]:
+    import pandas as pd
+
+    return [str(c) for c in frame.columns if not pd.api.types.is_numeric_dtype(frame[c])]
+
+
+def _read_table(path: Path, label: str | None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    if not label:
+        raise BadInput("--label COLUMN is required with --data")
+    frame = _read_frame(path)
     if label not in frame.columns:
         raise BadInput(f"label column {label!r} not found in {path.name}; columns are: {', '.join(map(str, frame.columns))}")
     features = frame.drop(columns=[label])
     if features.shape[1] == 0:
         raise BadInput(f"{path.name} has no feature columns besides the label {label!r}")
-    non_numeric = [str(c) for c in features.columns if not pd.api.types.is_numeric_dtype(features[c])]
+    non_numeric = _non_numeric(features)
     if non_numeric:
         raise BadInput(f"non-numeric feature column(s) in {path.name}: {', '.join(non_numeric)}")
     wide = features.to_numpy(dtype=np.float64)
@@ -471,6 +483,25 @@ def node_data_file(data_dir: str | Path) -> Path:
     if len(files) != 1:
         raise BadInput(f"node data folder {data_dir} holds {len(files)} data files; give it exactly one")
     return files[0]
+
+
+def check_node_data(data_dir: str | Path) -> Path:
+    """Check a node's data file as far as it can be without a run, and return it.
+
+    Which column is the label is the run's to say, so this checks what holds for every
+    column of a usable file: it reads, it has rows, no header repeats, and every column
+    (features and the integer label alike) is numeric with no missing or infinite value.
+    :func:`local_client_data` checks the label and class range when a run starts.
+    """
+    file = node_data_file(data_dir)
+    frame = _read_frame(file)
+    non_numeric = _non_numeric(frame)
+    if non_numeric:
+        raise BadInput(f"non-numeric column(s) in {file.name}: {', '.join(non_numeric)} (a node's columns are numeric features and an integer label)")
+    bad = [str(c) for c, finite in zip(frame.columns, np.isfinite(frame.to_numpy(dtype=np.float64)).all(axis=0)) if not finite]
+    if bad:
+        raise BadInput(f"NaN or infinite values in column(s) of {file.name}: {', '.join(bad)}")
+    return file
 
 
 def local_client_data(data_dir: str, label: str | None, val_fraction: float, seed: int, num_classes: int) -> ClientData:

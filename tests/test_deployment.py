@@ -168,6 +168,12 @@ def test_run_against_nothing_is_one_line_exit_2_and_writes_nothing(tmp_path):
         (["supernode", "--superlink", "127.0.0.1:9", "--insecure", "--partition-id", "3", "--num-partitions", "2"], "--partition-id must be in"),
         (["supernode", "--superlink", "127.0.0.1:9", "--insecure", "--partition-id", "0", "--num-partitions", "2", "--data-dir", "{t}"],
          "no .csv or .parquet files in data folder"),
+        (["supernode", "--superlink", "127.0.0.1:9", "--insecure", "--partition-id", "0", "--num-partitions", "2", "--data-dir", "{t}/files/text.csv"],
+         "non-numeric column(s) in text.csv: colour"),
+        (["supernode", "--superlink", "127.0.0.1:9", "--insecure", "--partition-id", "0", "--num-partitions", "2", "--data-dir", "{t}/files/gaps.csv"],
+         "NaN or infinite values in column(s) of gaps.csv: b"),
+        (["supernode", "--superlink", "127.0.0.1:9", "--insecure", "--partition-id", "0", "--num-partitions", "2", "--data-dir", "{t}/files/empty.csv"],
+         "empty.csv has no data rows"),
         (["superlink", "--insecure", "--runs-dir", "{t}/a-file"], "cannot create run store"),
         (["superlink", "--insecure", "--runs-dir", "{t}/r", "--log-file", "{t}/missing/x.log"], "cannot open --log-file"),
         (["supernode", "--superlink", "127.0.0.1:9", "--insecure", "--partition-id", "0", "--num-partitions", "2", "--log-file", "{t}/missing/x.log"],
@@ -178,6 +184,10 @@ def test_run_against_nothing_is_one_line_exit_2_and_writes_nothing(tmp_path):
 )
 def test_deployment_bad_input(args, expected, tmp_path):
     (tmp_path / "a-file").write_text("not a folder")
+    (tmp_path / "files").mkdir()
+    (tmp_path / "files" / "text.csv").write_text("a,colour,label\n1.0,red,0\n2.0,blue,1\n")
+    (tmp_path / "files" / "gaps.csv").write_text("a,b,label\n1.0,,0\n2.0,3.0,1\n")
+    (tmp_path / "files" / "empty.csv").write_text("a,b,label\n")
     args = [a.format(t=tmp_path) for a in args]
     result = CliRunner().invoke(app, [*args, *(["--runs-dir", str(tmp_path / "r")] if args[0] == "run" else [])])
     assert result.exit_code == 2, result.output
@@ -608,6 +618,16 @@ class LoopbackJob:
     def stop(self) -> None:
         if self.federation is not None:
             self.federation.stop()
+
+
+def test_a_usable_node_file_passes_the_start_up_check(tmp_path):
+    from clients.node import supernode_config
+    from shared.data import local_client_data
+
+    folder = _node0_data(tmp_path)
+    config = supernode_config(partition_id=0, num_partitions=2, keys=None, keys_passphrase_env=None, data_dir=folder)
+    assert config["data-dir"] == str(folder.resolve())
+    assert len(local_client_data(config["data-dir"], "label", 0.1, 0, 10).y_train) == 405  # what the run will read
 
 
 def _node0_data(base: Path) -> Path:
