@@ -176,6 +176,7 @@ def run(
     keys: Optional[Path] = typer.Option(None, "--keys", click_type=PATH, help="Key directory from `fedaudit keys init` (default: fresh keys in the run folder)."),
     keys_passphrase_env: Optional[str] = typer.Option(None, help="Environment variable holding the private keys' passphrase."),
     resume: Optional[str] = typer.Option(None, "--resume", metavar="RUN_ID", help="Continue an interrupted run from its last checkpoint."),
+    owner_gone: bool = typer.Option(False, "--owner-gone", help="With --resume: the process that ran it on another host is stopped; resume it here."),
     config: Optional[Path] = typer.Option(None, "--config", click_type=PATH, help="run.toml; flags override it."),
     engine: str = typer.Option("simulation", "--engine", help="simulation (this machine, Ray) or deployment (a running SuperLink and its SuperNodes)."),
     superlink: Optional[str] = typer.Option(None, "--superlink", metavar="HOST:PORT", help="deployment: the SuperLink to submit to."),
@@ -188,12 +189,14 @@ def run(
 ) -> None:
     """Train a federated model on the Simulation Engine, or on a running SuperLink (--engine deployment), and store the run."""
     settings = {k: v for k, v in locals().items() if k not in {
-        "config", "runs_dir", "as_json", "verbose", "resume", "keys", "keys_passphrase_env", "engine", "superlink", "root_certificates", "insecure", "reply_timeout",
+        "config", "runs_dir", "as_json", "verbose", "resume", "owner_gone", "keys", "keys_passphrase_env", "engine", "superlink", "root_certificates", "insecure", "reply_timeout",
     }}
     from shared.config import resolve
 
     if engine not in ("simulation", "deployment"):
         raise FedauditError(f"unknown --engine {engine!r}; choose simulation or deployment")
+    if owner_gone and resume is None:
+        raise FedauditError("--owner-gone goes with --resume RUN_ID")
     if engine == "deployment":
         if resume is not None:
             raise FedauditError("--resume works on the Simulation Engine only")
@@ -208,7 +211,7 @@ def run(
         given = [flag for flag, v in (("--superlink", superlink), ("--root-certificates", root_certificates), ("--insecure", insecure or None), ("--reply-timeout", reply_timeout)) if v is not None]
         if given:
             raise FedauditError(f"{', '.join(given)} {'needs' if len(given) == 1 else 'need'} --engine deployment")
-        summary = _run_simulation(settings, config, resume, runs_dir, keys, keys_passphrase_env, as_json=as_json, verbose=verbose)
+        summary = _run_simulation(settings, config, resume, runs_dir, keys, keys_passphrase_env, as_json=as_json, verbose=verbose, owner_gone=owner_gone)
     if as_json:
         _print_json(summary)
     else:
@@ -217,7 +220,7 @@ def run(
         raise typer.Exit(EXIT_GATE_FAILED)
 
 
-def _run_simulation(settings: dict, config, resume, runs_dir, keys, keys_passphrase_env, *, as_json: bool, verbose: bool) -> dict:
+def _run_simulation(settings: dict, config, resume, runs_dir, keys, keys_passphrase_env, *, as_json: bool, verbose: bool, owner_gone: bool = False) -> dict:
     from server.runner import prepare_resume, prepare_run
     from shared.config import resolve
 
@@ -226,7 +229,7 @@ def _run_simulation(settings: dict, config, resume, runs_dir, keys, keys_passphr
                        if v is not None and k != "ray_address")
         if given or config:
             raise FedauditError(f"--resume takes the run's stored config; drop {', '.join('--' + g for g in given) or '--config'}")
-        job = prepare_resume(resume, runs_dir, ray_address=settings["ray_address"])
+        job = prepare_resume(resume, runs_dir, ray_address=settings["ray_address"], owner_gone=owner_gone)
     else:
         if settings["data"] is not None:
             settings["data"] = str(settings["data"])

@@ -161,13 +161,17 @@ def prepare_run(
     )
 
 
-def prepare_resume(run_id: str, runs_dir: str | Path | None, ray_address: str | None = None) -> ServerJob:
+def prepare_resume(run_id: str, runs_dir: str | Path | None, ray_address: str | None = None, owner_gone: bool = False) -> ServerJob:
     """Continue an interrupted run from its last checkpoint, ledger restored.
 
     Spend committed for the round that was in flight is set aside (not deleted) and
     still counted in every client's epsilon, so epsilon can only be over-reported.
     ``ray_address`` replaces the stored one: where a run executes is not part of what
     it computes, and a cluster's address may have changed since.
+
+    A run still marked running by a process on another host (a run store shared between
+    machines) is refused unless ``owner_gone``: this host cannot see that process, and
+    two processes would train and write the same run.
     """
     store = RunStore(runs_dir)
     record = store.get_run(run_id)
@@ -175,6 +179,10 @@ def prepare_resume(run_id: str, runs_dir: str | Path | None, ray_address: str | 
         raise BadInput(f"run {run_id} already ended with status {record.status}; nothing to resume")
     if record.running_here:  # two processes would train and write the same run
         raise BadInput(f"run {run_id} is still running (pid {record.info['owner'].get('pid')} on this host); stop it before resuming it")
+    if record.running_elsewhere and not owner_gone:
+        owner = record.info["owner"]
+        raise BadInput(f"run {run_id} is marked running by pid {owner.get('pid')} on host {owner['host']}, which this host cannot check;"
+                       " resume it there, or add --owner-gone once that process is stopped")
     if record.info.get("engine") == "deployment":
         raise BadInput(f"run {run_id} ran on the Deployment Engine; --resume continues simulation runs only (start a new deployment run)")
     if "keys_dir" not in record.info or "model" not in record.info:

@@ -211,6 +211,12 @@ class RunRecord:
         return self.status == "running" and owner.get("host") == socket.gethostname() and not process_gone(owner)
 
     @property
+    def running_elsewhere(self) -> bool:
+        """Marked running by a process on another host, which this host cannot check."""
+        host = (self.info.get("owner") or {}).get("host")
+        return self.status == "running" and host is not None and host != socket.gethostname()
+
+    @property
     def shown_error(self) -> str | None:
         if self.shown_status != INTERRUPTED:
             return self.error

@@ -237,6 +237,24 @@ def test_resume_refuses_a_run_whose_process_is_still_alive(tmp_path):
     assert store.get_run("20261203-000000-abcdef").status == "running"  # untouched
 
 
+def test_resume_refuses_a_run_marked_running_on_another_host_unless_told_it_is_gone(tmp_path):
+    from shared.store import RunStore, this_process
+
+    store = RunStore(tmp_path)
+    owner = {**this_process(), "host": "another-host.example"}
+    store.create_run("20261206-000000-abcdef", {}, info={"owner": owner, "model": "logreg"})
+    result = CliRunner().invoke(app, ["run", "--resume", "20261206-000000-abcdef", "--runs-dir", str(tmp_path)])
+    assert result.exit_code == 2, result.output
+    assert "marked running by pid" in result.stderr and "another-host.example" in result.stderr and "--owner-gone" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert store.get_run("20261206-000000-abcdef").status == "running"  # untouched
+    # Told the other host's process is gone, it goes on to the next check (this run was never set up).
+    result = CliRunner().invoke(app, ["run", "--resume", "20261206-000000-abcdef", "--owner-gone", "--runs-dir", str(tmp_path)])
+    assert result.exit_code == 2 and "stopped before it was set up" in result.stderr, result.output
+    result = CliRunner().invoke(app, ["run", "--owner-gone", "--runs-dir", str(tmp_path)])
+    assert result.exit_code == 2 and "--owner-gone goes with --resume" in result.stderr, result.output
+
+
 @pytest.mark.parametrize("args", [["keys", "init", "KEYS", "--clients", "2", "--passphrase-env", ""],
                                   ["run", "--keys", "KEYS", "--keys-passphrase-env", ""]])
 def test_an_empty_passphrase_variable_name_is_refused_not_read_as_none(args, tmp_path):
