@@ -73,13 +73,14 @@ def test_fast_truncated_prv_gives_opacus_floats(q, sigma, t_max):
     from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV, TruncatedPrivacyRandomVariable
 
     prv = PoissonSubsampledGaussianPRV(q, sigma)
-    theirs, ours = TruncatedPrivacyRandomVariable(prv, -t_max, t_max), privacy._truncated_prv(prv, -t_max, t_max)
     points = np.random.default_rng(0).uniform(-t_max - 1, t_max + 1, 3000).tolist() + [-t_max, t_max, 0.0, -1e-300]
     if q < 1:
         points.append(math.log(1 - q))
-    assert [float(ours.cdf(t)) for t in points] == [float(theirs.cdf(t)) for t in points]
-    assert ours.cdf(np.array(points)).tolist() == theirs.cdf(np.array(points)).tolist()
-    assert ours.mean() == theirs.mean()
+    with np.errstate(divide="ignore"):  # log(1 - q) at q = 1, inside Opacus's cdf
+        theirs, ours = TruncatedPrivacyRandomVariable(prv, -t_max, t_max), privacy._truncated_prv(prv, -t_max, t_max)
+        assert [float(ours.cdf(t)) for t in points] == [float(theirs.cdf(t)) for t in points]
+        assert ours.cdf(np.array(points)).tolist() == theirs.cdf(np.array(points)).tolist()
+        assert ours.mean() == theirs.mean()
 
 
 @pytest.mark.parametrize("q,sigma,steps,rdp,prv", ORACLES)
