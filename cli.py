@@ -693,11 +693,13 @@ def _print_audit(report: dict) -> None:
         out.print(table)
         out.print(f"strongest attack: {mia['mia_attack']} (AUC {mia['mia_auc']:.4f}); empirical epsilon lower bound "
                   f"{mia['empirical_epsilon_lower_bound']:.4f} ({mia['confidence']:.0%} confidence, delta {mia['delta']:g})")
-    if p.get("canary_audit"):
-        ca = p["canary_audit"]
-        out.print(f"canary audit: {ca['m']} canaries ({ca['included']} included), {ca['r']} guesses, {ca['v']} correct: epsilon lower bound "
-                  f"{ca['epsilon_lower_bound']:.4f}" + (f" ({ca['confidence']:.0%} confidence)" if ca["valid"] else " (SCANNED: not a valid bound)")
-                  + f"; theoretical epsilon {_fmt(ca['theoretical_epsilon'])} ({ca.get('theoretical_source') or 'non-private'})")
+    for key in ("canary_audit", "canary_audit_scan"):
+        if p.get(key):
+            ca = p[key]
+            out.print(f"canary audit: {ca['m']} canaries ({ca['included']} included), {ca['r']} guesses, {ca['v']} correct: epsilon lower bound "
+                      f"{ca['epsilon_lower_bound']:.4f}" + (f" ({ca['confidence']:.0%} confidence)" if ca["valid"] else
+                                                            f" (SCANNED, best k+ {ca['k_plus']}, k- {ca['k_minus']}: not a valid bound)")
+                      + f"; theoretical epsilon {_fmt(ca['theoretical_epsilon'])} ({ca.get('theoretical_source') or 'non-private'})")
     if p.get("client_canary_audit"):
         cc = p["client_canary_audit"]
         out.print(f"canary clients: {cc['canary_clients']} inserted vs {cc['unobserved']} unobserved directions: epsilon estimate "
@@ -731,7 +733,7 @@ def audit_command(
     min_robust_accuracy: Optional[float] = typer.Option(None, help="Gate: PGD accuracy at the strongest eps >= this."),
     max_mia_auc: Optional[float] = typer.Option(None, help="Gate: AUC of the strongest membership-inference attack <= this."),
     reference_models: int = typer.Option(2, "--reference-models", metavar="K", help="Reference models for the membership-inference reference attack (0 disables it)."),
-    canary_scan: bool = typer.Option(False, "--canary-scan", help="Canary audit: scan (k+, k-) for the best guesses; flagged, and not a valid bound."),
+    canary_scan: bool = typer.Option(False, "--canary-scan", help="Canary audit: also scan (k+, k-) for the best guesses, shown beside the fixed-k bound; flagged, and not a valid bound."),
     runs_dir: Optional[Path] = typer.Option(None, click_type=PATH, help=RUNS_DIR_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object to stdout."),
 ) -> None:

@@ -321,6 +321,8 @@ def _canary_html(p: dict) -> str:
         rows.append(("membership inference, lower bound", p["mia"]["empirical_epsilon_lower_bound"]))
     if ca:
         rows.append((f"one-run canary audit, lower bound{'' if ca['valid'] else ' (scanned: not valid)'}", ca["epsilon_lower_bound"]))
+    if p.get("canary_audit_scan"):
+        rows.append(("one-run canary audit, best of a (k+, k-) scan (not a valid bound)", p["canary_audit_scan"]["epsilon_lower_bound"]))
     if cc:
         rows.append(("canary clients, estimate (not a bound)", cc["epsilon_estimate"]))
     if p.get("empirical_epsilon_lower_bound") is not None:
@@ -456,7 +458,7 @@ def audit_html(report: dict) -> str:
     parts.append(_img("plot-epsilon", AUDIT_PLOTS["plot-epsilon"], lambda: _plot_epsilon(report["rounds"], p)))
     parts.append(_kv([(k, f"{v:g}" if k == "delta" and v else v) for k, v in p.items() if not isinstance(v, (dict, list))]))
     for key, value in p.items():
-        if isinstance(value, dict) and key not in ("mia", "canary_audit", "client_canary_audit"):
+        if isinstance(value, dict) and key not in ("mia", "canary_audit", "canary_audit_scan", "client_canary_audit"):
             parts.append(f"<p>{html.escape(key)}:</p>" + _kv(value.items()))
     parts.append(_mia_html(p))
     parts.append(_canary_html(p))

@@ -265,9 +265,16 @@ def test_overfit_non_private_run_leaks_its_canaries(canary_runs, tmp_path):
     scanned = sample_canary_audit(load_run(store, overfit["run_id"]), store, None, scan=True)
     assert scanned["scanned"] and not scanned["valid"] and "not a valid bound" in scanned["guesses"]
     assert scanned["epsilon_lower_bound"] >= ca["epsilon_lower_bound"]
-    # A scanned result is shown but never becomes the headline bound.
-    headline = _with_canaries({"empirical_epsilon_lower_bound": 0.0, "delta": None}, load_run(store, overfit["run_id"]), store, canary_scan=True)
-    assert headline["empirical_epsilon_lower_bound"] == 0.0 and headline["canary_audit"]["scanned"]
+    # A scan is shown beside the fixed-k bound; it never replaces it, nor becomes the headline.
+    privacy = {"empirical_epsilon_lower_bound": 0.0, "delta": None}
+    plain = _with_canaries(privacy, load_run(store, overfit["run_id"]), store, canary_scan=False)
+    both = _with_canaries(privacy, load_run(store, overfit["run_id"]), store, canary_scan=True)
+    assert "canary_audit_scan" not in plain and both["canary_audit_scan"]["scanned"] and not both["canary_audit_scan"]["valid"]
+    assert both["canary_audit"] == plain["canary_audit"] and both["canary_audit"]["valid"]
+    assert both["empirical_epsilon_lower_bound"] == plain["empirical_epsilon_lower_bound"] > 0.0
+    assert both["empirical_epsilon_source"] == plain["empirical_epsilon_source"]
+    scan_report = run_json("audit", overfit["run_id"], "--reference-models", "0", "--canary-scan", runs_dir=runs)
+    assert scan_report["privacy"]["canary_audit"]["valid"] and scan_report["privacy"]["canary_audit_scan"]["scanned"]
 
 
 @pytest.mark.simulation
