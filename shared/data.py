@@ -188,9 +188,9 @@ def _non_numeric(frame) -> list[str]:
 
 
 def _read_table(path: Path, label: str | None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    frame = _read_frame(path)
     if not label:
         raise BadInput("--label COLUMN is required with --data")
-    frame = _read_frame(path)
     if label not in frame.columns:
         raise BadInput(f"label column {label!r} not found in {path.name}; columns are: {', '.join(map(str, frame.columns))}")
     features = frame.drop(columns=[label])
