@@ -93,6 +93,9 @@ def sample_canary_audit(
 ) -> dict[str, Any] | None:
     """The one-run canary audit of a run trained with ``--canaries``; None without canaries.
 
+    ``scan`` tries a grid of (k+, k-) instead of the fixed guesses (see
+    :func:`sample_canary_audits`, which gives both from one scoring).
+
     Returns
     -------
     dict or None
@@ -102,6 +105,19 @@ def sample_canary_audit(
         for a non-private run) and ``theoretical_source``, ``holders``,
         ``included``, ``score``, ``histogram``.
     """
+    audits = sample_canary_audits(run, store, delta, k_plus, k_minus, scans=(scan,))
+    return audits[0] if audits else None
+
+
+def sample_canary_audits(
+    run: StoredRun,
+    store: RunStore,
+    delta: float | None,
+    k_plus: int | None = None,
+    k_minus: int | None = None,
+    scans: tuple[bool, ...] = (False,),
+) -> list[dict[str, Any]] | None:
+    """:func:`sample_canary_audit` once per entry of ``scans``, the canaries scored once."""
     m = run.config.canaries
     if not m:
         return None
@@ -112,21 +128,24 @@ def sample_canary_audit(
     scores = logit_confidence(run.model, data.canary_x, data.canary_y)
     included = np.asarray(secret.included, dtype=bool)
     stated_delta = delta if delta else 1e-5
-    result = one_run_audit(scores, included, stated_delta, k_plus=k_plus, k_minus=k_minus, scan=scan)
     theoretical, source = record_level_epsilon(run, store, delta)
-    result.update(
-        valid=not result["scanned"],
-        guesses="scanned over a grid of (k+, k-): the best is shown and is not a valid bound" if result["scanned"]
-        else "fixed in advance: k+ = k- = 10% of the canaries unless given",
-        theoretical_epsilon=theoretical,
-        theoretical_source=source,
-        holders=secret.holders(),
-        included=int(included.sum()),
-        score="log(p / (1 - p)) of the canary's wrong label on the final model",
-        canary="a held-out test record with a seeded wrong label, included with probability 1/2 in one random client's training data",
-        histogram=_histogram({"included": scores[included], "excluded": scores[~included]}),
-    )
-    return result
+    audits = []
+    for scan in scans:
+        result = one_run_audit(scores, included, stated_delta, k_plus=k_plus, k_minus=k_minus, scan=scan)
+        result.update(
+            valid=not result["scanned"],
+            guesses="scanned over a grid of (k+, k-): the best is shown and is not a valid bound" if result["scanned"]
+            else "fixed in advance: k+ = k- = 10% of the canaries unless given",
+            theoretical_epsilon=theoretical,
+            theoretical_source=source,
+            holders=secret.holders(),
+            included=int(included.sum()),
+            score="log(p / (1 - p)) of the canary's wrong label on the final model",
+            canary="a held-out test record with a seeded wrong label, included with probability 1/2 in one random client's training data",
+            histogram=_histogram({"included": scores[included], "excluded": scores[~included]}),
+        )
+        audits.append(result)
+    return audits
 
 
 def _flat(weights: dict[str, np.ndarray], keys: list[str]) -> np.ndarray:

@@ -342,11 +342,12 @@ def _with_canaries(privacy: dict[str, Any], run: StoredRun, store: RunStore, can
     with ``canary_scan`` the scan over guess counts is added beside it as
     ``canary_audit_scan``, so asking for the scan never hides the bound that holds.
     """
-    sample = canary.sample_canary_audit(run, store, privacy.get("delta"))
+    audits = canary.sample_canary_audits(run, store, privacy.get("delta"), scans=(False, True) if canary_scan else (False,))
+    sample = audits[0] if audits else None
     clients = canary.client_canary_audit(run, store, privacy.get("delta"))
     out = {**privacy, "canary_audit": sample, "client_canary_audit": clients}
-    if canary_scan and sample is not None:
-        out["canary_audit_scan"] = canary.sample_canary_audit(run, store, privacy.get("delta"), scan=True)
+    if canary_scan and audits:
+        out["canary_audit_scan"] = audits[1]
     if sample is not None and sample["valid"]:
         out.update(joint_lower_bound(privacy.get("mia"), sample))
     return out

@@ -223,8 +223,7 @@ def main() -> None:
     print(f"  that overhead in seconds      {steady - plain:8.3f} s per round: the 20% target holds once a round"
           f" computes >= {5 * (steady - plain):.2f} s on {parallel} cores")
     print(f"whole run / plain loop          {wall / (plain * cfg.rounds):8.2f} x")
-    # A round sends every client a train and an evaluate instruction; the actors take
-    # them `parallel` at a time.
+    # A round sends every client a train and an evaluate instruction.
     messages = cfg.clients + round(cfg.clients * cfg.eval_fraction)
     floor = ray_round_floor(actors, messages, payload_bytes=5000)
     print(f"Ray's floor: {messages} empty actor calls, sent as Flower's backend sends a round, take {1000 * floor:.1f} ms"

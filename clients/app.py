@@ -324,7 +324,7 @@ class FedauditClientApp(ClientApp):
 
 
 @functools.lru_cache(maxsize=8)
-def shared_app(canaries_file: str | None = None) -> ClientApp:
+def shared_app(canaries_file: str | None) -> ClientApp:
     """:func:`build_app`, built once per process for each ``canaries_file``."""
     return build_app(canaries_file)
 

@@ -187,6 +187,11 @@ def _non_numeric(frame) -> list[str]:
     return [str(c) for c in frame.columns if not pd.api.types.is_numeric_dtype(frame[c])]
 
 
+def _flagged_columns(columns, flags: np.ndarray) -> list[str]:
+    """Names of the columns with any flagged value (``flags``: rows x columns)."""
+    return [str(c) for c, hit in zip(columns, flags.any(axis=0)) if hit]
+
+
 def _read_table(path: Path, label: str | None) -> tuple[np.ndarray, np.ndarray, list[str]]:
     frame = _read_frame(path)
     if not label:
@@ -201,7 +206,7 @@ def _read_table(path: Path, label: str | None) -> tuple[np.ndarray, np.ndarray, 
         raise BadInput(f"non-numeric feature column(s) in {path.name}: {', '.join(non_numeric)}")
     wide = features.to_numpy(dtype=np.float64)
     for problem, bad_values in (("NaN or infinite values", ~np.isfinite(wide)), ("values beyond float32's range (about 3.4e38)", np.abs(np.nan_to_num(wide)) > np.finfo(np.float32).max)):
-        bad = [str(c) for c, hit in zip(features.columns, bad_values.any(axis=0)) if hit]
+        bad = _flagged_columns(features.columns, bad_values)
         if bad:
             raise BadInput(f"{problem} in feature column(s) of {path.name}: {', '.join(bad)}")
     labels = frame[label]
@@ -447,7 +452,8 @@ def client_data(spec: DataSpec, partition_id: int) -> ClientData:
         raise BadInput(f"partition id {partition_id} out of range for {len(prepared.client_indices)} clients")
     idx = prepared.client_indices[partition_id]
     train, val = _validation_split(len(idx), spec.val_fraction, spec.seed + partition_id)
-    return ClientData(prepared.x_train[idx[train]], prepared.y_train[idx[train]], prepared.x_train[idx[val]], prepared.y_train[idx[val]])
+    train, val = idx[train], idx[val]
+    return ClientData(prepared.x_train[train], prepared.y_train[train], prepared.x_train[val], prepared.y_train[val])
 
 
 @lru_cache(maxsize=1024)
@@ -498,7 +504,7 @@ def check_node_data(data_dir: str | Path) -> Path:
     non_numeric = _non_numeric(frame)
     if non_numeric:
         raise BadInput(f"non-numeric column(s) in {file.name}: {', '.join(non_numeric)} (a node's columns are numeric features and an integer label)")
-    bad = [str(c) for c, finite in zip(frame.columns, np.isfinite(frame.to_numpy(dtype=np.float64)).all(axis=0)) if not finite]
+    bad = _flagged_columns(frame.columns, ~np.isfinite(frame.to_numpy(dtype=np.float64)))
     if bad:
         raise BadInput(f"NaN or infinite values in column(s) of {file.name}: {', '.join(bad)}")
     return file
